@@ -1,0 +1,65 @@
+import { z } from 'zod';
+import { parseDuration } from '../../config/units.js';
+
+const durationMs = (fallback: string) =>
+  z
+    .union([z.string(), z.number()])
+    .transform((v, ctx) => {
+      const ms = parseDuration(v);
+      if (ms === undefined) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a duration; write e.g. 30s` });
+        return z.NEVER;
+      }
+      return ms;
+    })
+    .default(fallback);
+
+const qos = z.union([z.literal(0), z.literal(1), z.literal(2)]);
+
+/**
+ * Settings of the generic `mqtt` provider. Topic templates take `{topic}` (the whole source
+ * topic), `{deviceId}`, `{gatewayId}` and `{1}`, `{2}`, … for the levels matched by `+`/`#` in
+ * the filter, in order.
+ */
+export const mqttSettingsSchema = z
+  .object({
+    url: z
+      .string()
+      .regex(/^(mqtts?|tcp|tls|ssl):\/\/[^\s/]+(:\d+)?\/?$/, 'must be mqtt://host:port or mqtts://host:port'),
+    protocolVersion: z.union([z.literal(4), z.literal(5)]).default(4),
+    clientId: z.string().min(1).max(128).optional(),
+    username: z.string().optional(),
+    password: z.string().optional(),
+    ca: z.string().optional(),
+    cert: z.string().optional(),
+    key: z.string().optional(),
+    servername: z.string().optional(),
+    rejectUnauthorized: z.boolean().default(true),
+    keepalive: durationMs('30s'),
+    connectTimeout: durationMs('10s'),
+    publishTimeout: durationMs('30s'),
+    cleanSession: z.boolean().default(true),
+    noLocal: z.boolean().default(true),
+    outbound: z
+      .array(
+        z
+          .object({
+            local: z.string().min(1),
+            remote: z.string().min(1).default('{topic}'),
+            qos: qos.optional(),
+            retain: z.union([z.boolean(), z.literal('as-published')]).default('as-published'),
+          })
+          .strict(),
+      )
+      .default([{ local: '#', remote: '{topic}', retain: 'as-published' }]),
+    inbound: z
+      .array(z.object({ remote: z.string().min(1), local: z.string().min(1), qos: qos.default(1) }).strict())
+      .default([]),
+  })
+  .strict()
+  .refine((s) => (s.cert === undefined) === (s.key === undefined), {
+    message: 'cert and key go together: give both for a client certificate, or neither',
+    path: ['cert'],
+  });
+
+export type MqttSettings = z.output<typeof mqttSettingsSchema>;

@@ -1,0 +1,14 @@
+import type { z } from 'zod';
+import { mqttSettingsSchema } from './mqtt/settings.js';
+
+/** Every provider type the config names (SPEC §3). */
+export const PROVIDER_TYPES = ['mqtt', 'aws-iot', 'azure-iot-hub', 'golioth'] as const;
+export type ProviderType = (typeof PROVIDER_TYPES)[number];
+
+/**
+ * Settings schema per provider type that this release ships. A type missing here is refused by
+ * the config validator with a message naming the types that are available.
+ */
+export const providerSettingsSchemas: Partial<Record<ProviderType, z.ZodTypeAny>> = {
+  mqtt: mqttSettingsSchema,
+};

@@ -1,0 +1,83 @@
+/**
+ * Forward-only migrations of the local SQLite store. Each entry runs once, in order, inside a
+ * transaction; `PRAGMA user_version` records how many have run. Never edit a shipped entry:
+ * append a new one.
+ */
+export const LOCAL_MIGRATIONS: readonly string[] = [
+  `
+  CREATE TABLE queue_messages (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT, -- our own monotonic id, never the MQTT packet id
+    integration_id TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    qos          INTEGER NOT NULL,
+    retain       INTEGER NOT NULL DEFAULT 0,
+    enqueued_at  INTEGER NOT NULL,                   -- ms since epoch
+    expires_at   INTEGER,                            -- ms since epoch; NULL never expires
+    attempts     INTEGER NOT NULL DEFAULT 0
+  );
+  CREATE INDEX queue_messages_by_integration ON queue_messages (integration_id, id);
+
+  CREATE TABLE dead_letters (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id   INTEGER NOT NULL,
+    integration_id TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    qos          INTEGER NOT NULL,
+    retain       INTEGER NOT NULL DEFAULT 0,
+    enqueued_at  INTEGER NOT NULL,
+    failed_at    INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL,
+    error_code   TEXT NOT NULL,
+    reason       TEXT NOT NULL
+  );
+  CREATE INDEX dead_letters_by_integration ON dead_letters (integration_id, id);
+
+  CREATE TABLE activity_log (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- local insertion order, drives replication
+    id               TEXT NOT NULL UNIQUE,              -- UUIDv7, the row's identity everywhere
+    organization_id  TEXT,
+    integration_id   TEXT,
+    gateway_id       TEXT NOT NULL,
+    activity_type    TEXT NOT NULL,
+    direction        TEXT NOT NULL CHECK (direction IN ('outgoing', 'incoming', 'internal')),
+    status           TEXT NOT NULL CHECK (status IN ('started', 'success', 'failed', 'error')),
+    response_time_ms INTEGER,
+    error_message    TEXT,
+    error_code       TEXT,
+    metadata         TEXT NOT NULL DEFAULT '{}',
+    created_at       INTEGER NOT NULL,                  -- ms since epoch
+    replicated_at    INTEGER,                           -- NULL until PostgreSQL committed it
+    replication_error TEXT                              -- set aside: PostgreSQL rejected it for good
+  );
+  CREATE INDEX activity_log_pending ON activity_log (seq) WHERE replicated_at IS NULL AND replication_error IS NULL;
+  CREATE INDEX activity_log_by_integration ON activity_log (integration_id, created_at);
+  CREATE INDEX activity_log_by_time ON activity_log (created_at);
+
+  CREATE TABLE sync_log (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    organization_id   TEXT,
+    integration_id    TEXT NOT NULL,
+    gateway_id        TEXT NOT NULL,
+    sync_type         TEXT NOT NULL CHECK (sync_type IN ('import', 'export', 'bidirectional')),
+    status            TEXT NOT NULL CHECK (status IN ('started', 'success', 'failed', 'error')),
+    started_at        INTEGER NOT NULL,
+    completed_at      INTEGER,
+    duration_ms       INTEGER,
+    records_processed INTEGER NOT NULL DEFAULT 0,
+    records_succeeded INTEGER NOT NULL DEFAULT 0,
+    records_failed    INTEGER NOT NULL DEFAULT 0,
+    error_message     TEXT,
+    metadata          TEXT NOT NULL DEFAULT '{}',
+    request_id        TEXT,
+    replicated_at     INTEGER,
+    replication_error TEXT
+  );
+  CREATE INDEX sync_log_pending ON sync_log (seq) WHERE replicated_at IS NULL AND replication_error IS NULL;
+  CREATE INDEX sync_log_by_integration ON sync_log (integration_id, started_at);
+  `,
+];
