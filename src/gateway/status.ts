@@ -1,0 +1,71 @@
+/** The daemon's state as one snapshot: /api/status, /metrics, the dashboard and `iot-gateway status` read it. */
+
+export type IntegrationState =
+  | 'disabled'
+  | 'connecting'
+  | 'connected'
+  /** connected, but no upstream ack for longer than health.degradedAfter while rows wait */
+  | 'degraded'
+  | 'backoff'
+  | 'stopped';
+
+export interface IntegrationStatus {
+  name: string;
+  id: string;
+  type: string;
+  enabled: boolean;
+  state: IntegrationState;
+  connectedSince: number | null;
+  lastAckAt: number | null;
+  lastError: { code: string; message: string; at: number } | null;
+  reconnects: number;
+  delivered: number;
+  inflight: number;
+  queue: {
+    depth: number;
+    bytes: number;
+    oldestAgeMs: number | null;
+    dropped: number;
+    expired: number;
+    rejected: number;
+    deadLettered: number;
+    deadLetters: number;
+  };
+}
+
+export interface ReplicationStatus {
+  configured: boolean;
+  state: 'disabled' | 'idle' | 'replicating' | 'backoff';
+  pendingRows: number;
+  oldestPendingAgeMs: number | null;
+  replicatedRows: number;
+  rejectedRows: number;
+  lastSuccessAt: number | null;
+  lastError: { code: string; message: string; at: number } | null;
+}
+
+export interface GatewayStatusSnapshot {
+  gatewayId: string;
+  version: string;
+  pid: number;
+  startedAt: number;
+  now: number;
+  ready: boolean;
+  broker: {
+    listening: boolean;
+    listeners: { type: string; host: string; port: number }[];
+    connections: number;
+    devices: { id: string; connectedAt: number; remoteAddress: string | null }[];
+    messagesIn: number;
+    authFailures: number;
+  };
+  store: { file: string; writable: boolean; writeFailures: number };
+  integrations: IntegrationStatus[];
+  replication: ReplicationStatus;
+  config: {
+    file: string;
+    loadedAt: number;
+    lastError: { message: string; issues: { path: string; message: string; line?: number }[]; at: number } | null;
+    pendingRestart: string[];
+  };
+}
