@@ -9,6 +9,11 @@ export type ProviderType = (typeof PROVIDER_TYPES)[number];
  * Settings schema per provider type that this release ships. A type missing here is refused by
  * the config validator with a message naming the types that are available.
  */
-export const providerSettingsSchemas: Partial<Record<ProviderType, z.ZodTypeAny>> = {
+const availableSettingsSchemas = {
   mqtt: mqttSettingsSchema,
-};
+} satisfies Partial<Record<ProviderType, z.ZodTypeAny>>;
+
+/** The types that have a settings schema; the provider registry must have a factory for each. */
+export type AvailableType = keyof typeof availableSettingsSchemas;
+
+export const providerSettingsSchemas: Partial<Record<ProviderType, z.ZodTypeAny>> = availableSettingsSchemas;

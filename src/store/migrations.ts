@@ -80,4 +80,8 @@ export const LOCAL_MIGRATIONS: readonly string[] = [
   CREATE INDEX sync_log_pending ON sync_log (seq) WHERE replicated_at IS NULL AND replication_error IS NULL;
   CREATE INDEX sync_log_by_integration ON sync_log (integration_id, started_at);
   `,
+  // 2: lets the TTL purge find expired rows without scanning every queued payload.
+  `
+  CREATE INDEX queue_messages_by_expiry ON queue_messages (expires_at) WHERE expires_at IS NOT NULL;
+  `,
 ];

@@ -20,6 +20,8 @@ export interface QueueLimits {
 export interface EnqueueTarget {
   integrationId: string;
   limits: QueueLimits;
+  /** QoS of the row in this queue (min of message and route QoS); the message's QoS when absent. */
+  qos?: 0 | 1 | 2;
 }
 
 export interface QueueStats {

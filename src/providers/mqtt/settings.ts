@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { parseDuration } from '../../config/units.js';
+import { parseDuration, parseSize } from '../../config/units.js';
 
 const durationMs = (fallback: string) =>
   z
@@ -13,6 +13,15 @@ const durationMs = (fallback: string) =>
       return ms;
     })
     .default(fallback);
+
+const sizeBytes = z.union([z.string(), z.number()]).transform((v, ctx) => {
+  const bytes = parseSize(v);
+  if (bytes === undefined || bytes < 1) {
+    ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a size; write e.g. 128KB, 256MB` });
+    return z.NEVER;
+  }
+  return bytes;
+});
 
 const qos = z.union([z.literal(0), z.literal(1), z.literal(2)]);
 
@@ -40,6 +49,12 @@ export const mqttSettingsSchema = z
     publishTimeout: durationMs('30s'),
     cleanSession: z.boolean().default(true),
     noLocal: z.boolean().default(true),
+    /**
+     * Largest payload the remote broker takes (its configured limit); larger rows are
+     * dead-lettered without being sent. Default 256 MiB, the MQTT maximum. An MQTT 5 server's
+     * Maximum Packet Size lowers it further on its own.
+     */
+    maxPayloadSize: sizeBytes.optional(),
     outbound: z
       .array(
         z

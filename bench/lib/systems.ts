@@ -1,0 +1,133 @@
+import { existsSync } from 'node:fs';
+import { mkdtemp, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+import { freePort } from './ports.js';
+import { startMosquitto, writeMosquittoConf, type MosquittoInstance } from './mosquitto.js';
+import { waitForPort, type Child, type ProcessGroup } from './process.js';
+
+/** g: the gateway; relay: plain aedes + mqtt.js (a); bridge: Mosquitto's bridge (b); aedes: bare aedes (RSS reference). */
+export type SystemName = 'gateway' | 'relay' | 'bridge' | 'aedes';
+
+export const SYSTEM_LABELS: Record<SystemName, string> = {
+  gateway: 'gateway (g)',
+  relay: 'aedes relay (a)',
+  bridge: 'mosquitto bridge (b)',
+  aedes: 'bare aedes',
+};
+
+/** A broker under test that devices connect to on `port`; `pid` is the process whose RSS counts. */
+export interface SystemUnderTest {
+  readonly name: SystemName;
+  readonly port: number;
+  readonly pid: number;
+  readonly child: Child;
+  stop(): Promise<void>;
+}
+
+export interface BenchContext {
+  readonly group: ProcessGroup;
+  /** Parent of every temp dir the bench makes. */
+  readonly tmpRoot: string;
+  /** Repository root (where dist/cli.js lives). */
+  readonly root: string;
+}
+
+/** dist-bench/bench/lib/systems.js → repository root. */
+export function repoRoot(): string {
+  return fileURLToPath(new URL('../../../', import.meta.url));
+}
+
+export function gatewayCliPath(root: string): string {
+  return join(root, 'dist', 'cli.js');
+}
+
+export function gatewayAvailable(root: string): boolean {
+  return existsSync(gatewayCliPath(root));
+}
+
+const READY_TIMEOUT_MS = 30_000;
+
+export async function startSystem(ctx: BenchContext, name: SystemName, upstreamPort: number): Promise<SystemUnderTest> {
+  const dir = await mkdtemp(join(ctx.tmpRoot, `${name}-`));
+  const port = await freePort();
+  switch (name) {
+    case 'aedes':
+    case 'relay': {
+      const script = fileURLToPath(new URL('./relay-child.js', import.meta.url));
+      const args = name === 'aedes' ? ['bare', String(port)] : ['relay', String(port), String(upstreamPort)];
+      const child = ctx.group.spawn(name, process.execPath, [script, ...args]);
+      await readyOrStop(child, /^ready$/);
+      return { name, port, pid: child.pid, child, stop: () => child.stop() };
+    }
+    case 'bridge': {
+      // Mosquitto's bridge with its defaults: only the connection and the topic are configured.
+      const conf = await writeMosquittoConf(dir, 'bridge', port, [
+        'connection bench-bridge',
+        `address 127.0.0.1:${upstreamPort}`,
+        'topic devices/# out 1',
+      ]);
+      const local: MosquittoInstance = await startMosquitto(ctx.group, 'mosquitto-bridge', conf, port);
+      return { name, port, pid: local.child.pid, child: local.child, stop: local.stop };
+    }
+    case 'gateway': {
+      const httpPort = await freePort();
+      const config = {
+        gateway: { id: 'bench-gw', dataDir: join(dir, 'data'), log: { level: 'info' } },
+        broker: {
+          listeners: [{ type: 'tcp', host: '127.0.0.1', port }],
+          // Anonymous devices with an ACL: no scrypt cost in connection storms, like the baselines.
+          allowAnonymous: true,
+          anonymousAcl: { publish: ['devices/#'], subscribe: [] },
+        },
+        http: { host: '127.0.0.1', port: httpPort },
+        integrations: [
+          {
+            name: 'up',
+            id: randomUUID(),
+            type: 'mqtt',
+            settings: { url: `mqtt://127.0.0.1:${upstreamPort}` },
+            routes: [{ from: 'devices/#', qos: 1 }],
+            queue: { inflight: 1000 },
+          },
+        ],
+      };
+      const confPath = join(dir, 'gateway.yaml');
+      await writeFile(confPath, stringify(config));
+      const child = ctx.group.spawn('gateway', process.execPath, [gatewayCliPath(ctx.root), 'run', '-c', confPath], {
+        cwd: dir,
+      });
+      await readyOrStop(child, /"msg":"gateway_ready"/);
+      await waitForPort(port, 5_000);
+      await waitReadyz(httpPort, 10_000);
+      return { name, port, pid: child.pid, child, stop: () => child.stop(25_000) };
+    }
+  }
+}
+
+async function readyOrStop(child: Child, pattern: RegExp): Promise<void> {
+  try {
+    await child.waitForLine(pattern, READY_TIMEOUT_MS);
+  } catch (err) {
+    await child.stop(1_000);
+    throw err;
+  }
+}
+
+async function waitReadyz(port: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last = '';
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/readyz`, { signal: AbortSignal.timeout(1_000) });
+      if (res.status === 200) return;
+      last = `status ${res.status}`;
+    } catch (err) {
+      last = (err as Error).message;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`gateway /readyz not 200 within ${timeoutMs} ms (${last})`);
+}

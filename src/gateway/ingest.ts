@@ -1,0 +1,112 @@
+import type { IntegrationConfig } from '../config/schema.js';
+import { errorMessage, isGatewayError } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { EnqueueTarget, IncomingMessage, Outbox } from '../store/outbox-types.js';
+import { matchTopic } from './topic-match.js';
+
+export interface IngestOptions {
+  outbox: Outbox;
+  logger: Logger;
+  integrations: readonly IntegrationConfig[];
+  now?: () => number;
+}
+
+export interface Ingest {
+  /** Called from aedes' authorizePublish after the ACL check. Returns a promise that
+   *  resolves after the message is committed to every matching enabled integration's queue,
+   *  or null when nothing needs to be waited for (no route matches, or QoS 0 which is queued
+   *  without holding anything up). */
+  accept(message: IncomingMessage): Promise<void> | null;
+  /** Live reload: new routes/limits apply to the next message. */
+  setIntegrations(integrations: readonly IntegrationConfig[]): void;
+  /** QoS 0 messages that could not be queued since start (logged, never thrown). */
+  readonly qos0Failures: number;
+}
+
+interface RouteTable {
+  integrationId: string;
+  routes: readonly { from: string; qos: 0 | 1 | 2 }[];
+  limits: EnqueueTarget['limits'];
+}
+
+const FAILURE_LOG_INTERVAL_MS = 1000;
+
+/** Route matching and the commit-before-PUBACK path (SPEC §5). */
+export function createIngest(options: IngestOptions): Ingest {
+  const { outbox } = options;
+  const logger = options.logger.child({ component: 'ingest' });
+  const now = options.now ?? Date.now;
+  let table: readonly RouteTable[] = buildTable(options.integrations);
+  let qos0Failures = 0;
+  // QoS 0 failures come in floods (disk full, queue full): one line per second with the count.
+  let unloggedFailures = 0;
+  let lastFailureLogAt = -Infinity;
+
+  const noteQos0Failure = (err: unknown, message: IncomingMessage) => {
+    qos0Failures++;
+    unloggedFailures++;
+    const t = now();
+    if (t - lastFailureLogAt < FAILURE_LOG_INTERVAL_MS) return;
+    lastFailureLogAt = t;
+    logger.warn(
+      {
+        code: isGatewayError(err) ? err.code : undefined,
+        error: errorMessage(err),
+        count: unloggedFailures,
+        total: qos0Failures,
+        topic: message.topic,
+        deviceId: message.deviceId,
+      },
+      'qos0_message_not_queued',
+    );
+    unloggedFailures = 0;
+  };
+
+  return {
+    get qos0Failures() {
+      return qos0Failures;
+    },
+
+    accept(message) {
+      const targets: EnqueueTarget[] = [];
+      for (const entry of table) {
+        let routeQos = -1;
+        for (const route of entry.routes) {
+          if (route.qos > routeQos && matchTopic(route.from, message.topic) !== null) routeQos = route.qos;
+        }
+        if (routeQos < 0) continue;
+        targets.push({
+          integrationId: entry.integrationId,
+          limits: entry.limits,
+          qos: Math.min(message.qos, routeQos) as 0 | 1 | 2,
+        });
+      }
+      if (targets.length === 0) return null;
+      const committed = outbox.enqueue(message, targets);
+      if (message.qos === 0) {
+        committed.catch((err: unknown) => noteQos0Failure(err, message));
+        return null;
+      }
+      return committed;
+    },
+
+    setIntegrations(integrations) {
+      table = buildTable(integrations);
+    },
+  };
+}
+
+function buildTable(integrations: readonly IntegrationConfig[]): RouteTable[] {
+  return integrations
+    .filter((integration) => integration.enabled && integration.routes.length > 0)
+    .map((integration) => ({
+      integrationId: integration.id,
+      routes: integration.routes.map((r) => ({ from: r.from, qos: r.qos })),
+      limits: {
+        maxMessages: integration.queue.maxMessages,
+        maxBytes: integration.queue.maxBytes,
+        onFull: integration.queue.onFull,
+        ttlMs: integration.queue.ttl,
+      },
+    }));
+}

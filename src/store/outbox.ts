@@ -1,0 +1,549 @@
+import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { OutboundMessage } from '../providers/provider.js';
+import type { ActivityLog } from './activity-log.js';
+import type { SqliteDatabase } from './database.js';
+import type { EnqueueTarget, IncomingMessage, Outbox, QueueLimits, QueueStats } from './outbox-types.js';
+
+export interface OutboxOptions {
+  db: SqliteDatabase;
+  logger: Logger;
+  activity: ActivityLog;
+  now?: () => number;
+  /** Staged messages that trigger a commit at once instead of on the next turn of the loop. */
+  maxBatch?: number;
+}
+
+interface Staged {
+  message: IncomingMessage;
+  targets: readonly EnqueueTarget[];
+  enqueuedAt: number;
+  resolve: () => void;
+  reject: (err: GatewayError) => void;
+}
+
+/** In-memory mirror of one queue; `depth` and `bytes` always equal what the table holds. */
+interface QueueCounters {
+  depth: number;
+  bytes: number;
+  dropped: number;
+  expired: number;
+  rejected: number;
+  deadLettered: number;
+}
+
+type DropKind = 'dropped' | 'rejected';
+type DropReason = 'max-messages' | 'max-bytes' | 'too-large';
+
+/** Drops and rejects of one queue not yet logged, so a flood gives one line per second. */
+interface PendingReport {
+  count: number;
+  reasons: Map<DropReason, number>;
+  lastReportAt: number;
+  timer: NodeJS.Timeout | undefined;
+}
+
+interface BatchResult {
+  outcomes: (GatewayError | undefined)[];
+  touched: Set<string>;
+  drafts: Map<string, { depth: number; bytes: number }>;
+  drops: Map<string, Map<DropReason, number>>;
+  rejects: Map<string, Map<DropReason, number>>;
+}
+
+const REPORT_INTERVAL_MS = 1000;
+const MAKE_ROOM_CHUNK = 256;
+const EXPIRE_CHUNK = 5000;
+
+/**
+ * The durable queues over `queue_messages`. Enqueues are staged and committed together in one
+ * transaction per turn of the event loop (or per `maxBatch` messages), so the fsync that
+ * synchronous=FULL costs is shared by every message of the batch.
+ */
+export function createOutbox(options: OutboxOptions): Outbox {
+  const { db, activity } = options;
+  const logger = options.logger.child({ component: 'outbox' });
+  const now = options.now ?? Date.now;
+  const maxBatch = Math.max(1, options.maxBatch ?? 1000);
+
+  const insertRow = db.prepare(
+    `INSERT INTO queue_messages (integration_id, device_id, topic, payload, qos, retain, enqueued_at, expires_at)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+  );
+  const selectOldest = db.prepare(
+    'SELECT id, length(payload) AS size FROM queue_messages WHERE integration_id = ? ORDER BY id LIMIT ?',
+  );
+  const deleteUpTo = db.prepare(
+    'DELETE FROM queue_messages WHERE integration_id = ? AND id <= ? RETURNING length(payload) AS size',
+  );
+  const selectRows = db.prepare(
+    `SELECT id, device_id, topic, payload, qos, retain, enqueued_at, attempts FROM queue_messages
+      WHERE integration_id = ? AND id > ? AND (expires_at IS NULL OR expires_at > ?)
+      ORDER BY id LIMIT ?`,
+  );
+  const deleteOne = db.prepare(
+    'DELETE FROM queue_messages WHERE id = ? AND integration_id = ? RETURNING length(payload) AS size',
+  );
+  const bumpAttempts = db.prepare(
+    'UPDATE queue_messages SET attempts = attempts + 1 WHERE id = ? AND integration_id = ?',
+  );
+  const copyToDeadLetters = db.prepare(
+    `INSERT INTO dead_letters (message_id, integration_id, device_id, topic, payload, qos, retain, enqueued_at,
+       failed_at, attempts, error_code, reason)
+     SELECT id, integration_id, device_id, topic, payload, qos, retain, enqueued_at, ?, attempts, ?, ?
+       FROM queue_messages WHERE id = ? AND integration_id = ?`,
+  );
+  const deleteExpired = db.prepare(
+    `DELETE FROM queue_messages WHERE id IN (
+       SELECT id FROM queue_messages WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?
+     ) RETURNING integration_id AS integrationId, length(payload) AS size`,
+  );
+  const selectOldestTime = db.prepare(
+    'SELECT enqueued_at AS t FROM queue_messages WHERE integration_id = ? ORDER BY id LIMIT 1',
+  );
+  const countDeadLetters = db.prepare('SELECT count(*) AS n FROM dead_letters WHERE integration_id = ?');
+
+  const counters = new Map<string, QueueCounters>();
+  const countersOf = (integrationId: string): QueueCounters => {
+    let c = counters.get(integrationId);
+    if (c === undefined) {
+      c = { depth: 0, bytes: 0, dropped: 0, expired: 0, rejected: 0, deadLettered: 0 };
+      counters.set(integrationId, c);
+    }
+    return c;
+  };
+  const initial = db
+    .prepare(
+      'SELECT integration_id AS id, count(*) AS n, sum(length(payload)) AS b FROM queue_messages GROUP BY integration_id',
+    )
+    .all() as { id: string; n: number; b: number | null }[];
+  for (const row of initial) {
+    const c = countersOf(row.id);
+    c.depth = row.n;
+    c.bytes = row.b ?? 0;
+  }
+
+  let staged: Staged[] = [];
+  let flushScheduled = false;
+  let closed = false;
+  const listeners = new Set<(integrationIds: ReadonlySet<string>) => void>();
+  const pendingReports = new Map<string, PendingReport>();
+
+  /**
+   * Runs inside the transaction. Counter changes go to drafts that are applied only after
+   * COMMIT, so a rolled-back batch leaves the counters exactly as the table is.
+   */
+  const writeBatch = db.transaction((batch: readonly Staged[]): BatchResult => {
+    const result: BatchResult = {
+      outcomes: new Array<GatewayError | undefined>(batch.length),
+      touched: new Set(),
+      drafts: new Map(),
+      drops: new Map(),
+      rejects: new Map(),
+    };
+    const draftOf = (integrationId: string) => {
+      let d = result.drafts.get(integrationId);
+      if (d === undefined) {
+        const c = counters.get(integrationId);
+        d = { depth: c?.depth ?? 0, bytes: c?.bytes ?? 0 };
+        result.drafts.set(integrationId, d);
+      }
+      return d;
+    };
+
+    for (let i = 0; i < batch.length; i++) {
+      const { message, targets, enqueuedAt } = batch[i]!;
+      const size = message.payload.length;
+
+      // Decide for every target before inserting into any: a refused message must reach no
+      // queue, so the device gets no PUBACK and keeps its copy.
+      let refusal: { integrationId: string; reason: DropReason } | undefined;
+      for (const target of targets) {
+        const reason = refusalReason(target.limits, draftOf(target.integrationId), size);
+        if (reason !== undefined) {
+          refusal = { integrationId: target.integrationId, reason };
+          break;
+        }
+      }
+      if (refusal !== undefined) {
+        addCount(result.rejects, refusal.integrationId, refusal.reason, 1);
+        result.outcomes[i] = new GatewayError(
+          ErrorCodes.QUEUE_FULL,
+          refusal.reason === 'too-large'
+            ? `a ${size}-byte message is larger than the queue of integration ${refusal.integrationId} may hold`
+            : `the queue of integration ${refusal.integrationId} is full (${refusal.reason}) and refuses new messages`,
+          { retryable: false, details: { integrationId: refusal.integrationId, reason: refusal.reason } },
+        );
+        continue;
+      }
+
+      for (const target of targets) {
+        const draft = draftOf(target.integrationId);
+        if (target.limits.onFull === 'drop-oldest') makeRoom(target.integrationId, target.limits, draft, size, result);
+        insertRow.run(
+          target.integrationId,
+          message.deviceId,
+          message.topic,
+          message.payload,
+          target.qos ?? message.qos,
+          message.retain ? 1 : 0,
+          enqueuedAt,
+          target.limits.ttlMs > 0 ? enqueuedAt + target.limits.ttlMs : null,
+        );
+        draft.depth++;
+        draft.bytes += size;
+        result.touched.add(target.integrationId);
+      }
+    }
+    return result;
+  });
+
+  /** Deletes the oldest rows of a queue until one more message of `size` bytes fits. */
+  function makeRoom(
+    integrationId: string,
+    limits: QueueLimits,
+    draft: { depth: number; bytes: number },
+    size: number,
+    result: BatchResult,
+  ): void {
+    const overflows = () => draft.depth + 1 > limits.maxMessages || draft.bytes + size > limits.maxBytes;
+    if (!overflows()) return;
+    const reason: DropReason = draft.depth + 1 > limits.maxMessages ? 'max-messages' : 'max-bytes';
+    // At the cap a flood drops one row per insert: fetch just what the row count needs, and
+    // widen the window when bytes need more.
+    let chunk = Math.min(Math.max(draft.depth + 1 - limits.maxMessages, 4), MAKE_ROOM_CHUNK);
+    while (overflows() && draft.depth > 0) {
+      const oldest = selectOldest.all(integrationId, chunk) as { id: number; size: number }[];
+      chunk = Math.min(chunk * 4, MAKE_ROOM_CHUNK);
+      if (oldest.length === 0) {
+        // The counters say rows exist but the table has none: never loop on a drifted counter.
+        logger.error({ integrationId, depth: draft.depth, bytes: draft.bytes }, 'queue_counter_drift');
+        draft.depth = 0;
+        draft.bytes = 0;
+        break;
+      }
+      let depth = draft.depth;
+      let bytes = draft.bytes;
+      let cutId = oldest[0]!.id;
+      for (const row of oldest) {
+        cutId = row.id;
+        depth--;
+        bytes -= row.size;
+        if (depth + 1 <= limits.maxMessages && bytes + size <= limits.maxBytes) break;
+      }
+      const deleted = deleteUpTo.all(integrationId, cutId) as { size: number }[];
+      for (const row of deleted) {
+        draft.depth--;
+        draft.bytes -= row.size;
+      }
+      addCount(result.drops, integrationId, reason, deleted.length);
+    }
+  }
+
+  function flushNow(): void {
+    if (staged.length === 0) return;
+    const batch = staged;
+    staged = [];
+    let result: BatchResult;
+    try {
+      result = writeBatch(batch);
+    } catch (err) {
+      const sqliteCode = (err as { code?: unknown }).code;
+      logger.error({ err, messages: batch.length, sqliteCode }, 'queue_commit_failed');
+      const error = new GatewayError(
+        ErrorCodes.STORE_WRITE,
+        `cannot commit ${batch.length} messages to the queue store: ${errorMessage(err)}`,
+        { retryable: true, cause: err, details: { sqliteCode } },
+      );
+      for (const s of batch) s.reject(error);
+      return;
+    }
+
+    for (const [integrationId, draft] of result.drafts) {
+      const c = countersOf(integrationId);
+      c.depth = draft.depth;
+      c.bytes = draft.bytes;
+    }
+    for (const [integrationId, reasons] of result.drops) {
+      for (const [reason, n] of reasons) {
+        countersOf(integrationId).dropped += n;
+        noteDrop('dropped', integrationId, reason, n);
+      }
+    }
+    for (const [integrationId, reasons] of result.rejects) {
+      for (const [reason, n] of reasons) {
+        countersOf(integrationId).rejected += n;
+        noteDrop('rejected', integrationId, reason, n);
+      }
+    }
+    for (let i = 0; i < batch.length; i++) {
+      const outcome = result.outcomes[i];
+      if (outcome === undefined) batch[i]!.resolve();
+      else batch[i]!.reject(outcome);
+    }
+    if (result.touched.size > 0) {
+      for (const listener of listeners) {
+        try {
+          listener(result.touched);
+        } catch (err) {
+          logger.error({ err }, 'queue_listener_failed');
+        }
+      }
+    }
+  }
+
+  function noteDrop(kind: DropKind, integrationId: string, reason: DropReason, n: number): void {
+    if (n === 0) return;
+    const key = `${kind}\u0000${integrationId}`;
+    let pending = pendingReports.get(key);
+    if (pending === undefined) {
+      pending = { count: 0, reasons: new Map(), lastReportAt: -Infinity, timer: undefined };
+      pendingReports.set(key, pending);
+    }
+    pending.count += n;
+    pending.reasons.set(reason, (pending.reasons.get(reason) ?? 0) + n);
+    const sinceLast = now() - pending.lastReportAt;
+    if (sinceLast >= REPORT_INTERVAL_MS) {
+      report(kind, integrationId, pending);
+    } else if (pending.timer === undefined) {
+      const delay = Math.min(Math.max(REPORT_INTERVAL_MS - sinceLast, 0), REPORT_INTERVAL_MS);
+      const p = pending;
+      p.timer = setTimeout(() => {
+        p.timer = undefined;
+        report(kind, integrationId, p);
+      }, delay);
+      p.timer.unref();
+    }
+  }
+
+  function report(kind: DropKind, integrationId: string, pending: PendingReport): void {
+    if (pending.timer !== undefined) {
+      clearTimeout(pending.timer);
+      pending.timer = undefined;
+    }
+    pending.lastReportAt = now();
+    if (pending.count === 0) return;
+    const count = pending.count;
+    const reason = [...pending.reasons.keys()].join(',');
+    pending.count = 0;
+    pending.reasons.clear();
+    const c = countersOf(integrationId);
+    const activityType = kind === 'dropped' ? 'queue_dropped' : 'queue_rejected';
+    logger.warn(
+      { integrationId, count, reason, depth: c.depth, bytes: c.bytes, total: c[kind] },
+      activityType,
+    );
+    activity.record({
+      integrationId,
+      activityType,
+      direction: 'internal',
+      status: 'failed',
+      errorCode: ErrorCodes.QUEUE_FULL,
+      errorMessage:
+        kind === 'dropped'
+          ? `${count} oldest queued messages dropped to make room (${reason})`
+          : `${count} new messages refused by a full queue (${reason})`,
+      metadata: { count, reason },
+    });
+  }
+
+  function scheduleFlush(): void {
+    if (flushScheduled) return;
+    flushScheduled = true;
+    setImmediate(() => {
+      flushScheduled = false;
+      flushNow();
+    });
+  }
+
+  return {
+    enqueue(message, targets) {
+      if (closed) {
+        return Promise.reject(new GatewayError(ErrorCodes.STORE_WRITE, 'the store is closing', { retryable: false }));
+      }
+      if (targets.length === 0) return Promise.resolve();
+      const promise = new Promise<void>((resolve, reject) => {
+        staged.push({ message, targets, enqueuedAt: now(), resolve, reject });
+      });
+      if (staged.length >= maxBatch) flushNow();
+      else scheduleFlush();
+      return promise;
+    },
+
+    read(integrationId, afterId, limit) {
+      const rows = selectRows.all(integrationId, afterId, now(), limit) as {
+        id: number;
+        device_id: string;
+        topic: string;
+        payload: Buffer;
+        qos: number;
+        retain: number;
+        enqueued_at: number;
+        attempts: number;
+      }[];
+      return rows.map(
+        (r): OutboundMessage => ({
+          id: r.id,
+          deviceId: r.device_id,
+          topic: r.topic,
+          payload: r.payload,
+          qos: r.qos as 0 | 1 | 2,
+          retain: r.retain !== 0,
+          enqueuedAt: r.enqueued_at,
+          attempts: r.attempts,
+        }),
+      );
+    },
+
+    ack(integrationId, ids) {
+      if (ids.length === 0) return;
+      let depth = 0;
+      let bytes = 0;
+      db.transaction(() => {
+        for (const id of ids) {
+          const row = deleteOne.get(id, integrationId) as { size: number } | undefined;
+          if (row !== undefined) {
+            depth++;
+            bytes += row.size;
+          }
+        }
+      })();
+      const c = countersOf(integrationId);
+      c.depth -= depth;
+      c.bytes -= bytes;
+    },
+
+    markAttempt(integrationId, ids) {
+      if (ids.length === 0) return;
+      db.transaction(() => {
+        for (const id of ids) bumpAttempts.run(id, integrationId);
+      })();
+    },
+
+    deadLetter(integrationId, message, code, reason) {
+      const moved = db.transaction(() => {
+        const copied = copyToDeadLetters.run(now(), code, reason, message.id, integrationId).changes;
+        if (copied === 0) return undefined;
+        return deleteOne.get(message.id, integrationId) as { size: number } | undefined;
+      })();
+      if (moved === undefined) {
+        // Already gone (acked, dropped or expired meanwhile): nothing to move, nothing to count.
+        logger.debug({ integrationId, messageId: message.id }, 'dead_letter_row_missing');
+        return;
+      }
+      const c = countersOf(integrationId);
+      c.depth--;
+      c.bytes -= moved.size;
+      c.deadLettered++;
+      logger.warn(
+        { integrationId, messageId: message.id, topic: message.topic, deviceId: message.deviceId, code, reason },
+        'queue_dead_lettered',
+      );
+      activity.record({
+        integrationId,
+        activityType: 'dead_letter',
+        direction: 'outgoing',
+        status: 'failed',
+        errorCode: code,
+        errorMessage: reason,
+        metadata: { messageId: message.id, topic: message.topic, deviceId: message.deviceId, reason },
+      });
+    },
+
+    stats(integrationId): QueueStats {
+      const c = counters.get(integrationId);
+      const oldest = selectOldestTime.get(integrationId) as { t: number } | undefined;
+      return {
+        depth: c?.depth ?? 0,
+        bytes: c?.bytes ?? 0,
+        oldestEnqueuedAt: oldest?.t ?? null,
+        dropped: c?.dropped ?? 0,
+        expired: c?.expired ?? 0,
+        rejected: c?.rejected ?? 0,
+        deadLettered: c?.deadLettered ?? 0,
+        deadLetters: (countDeadLetters.get(integrationId) as { n: number }).n,
+      };
+    },
+
+    expire(at) {
+      const cutoff = at ?? now();
+      const perQueue = new Map<string, number>();
+      // Chunks keep each transaction (and the WAL) small when a long outage expires a lot at once.
+      for (;;) {
+        const rows = db.transaction(
+          () => deleteExpired.all(cutoff, EXPIRE_CHUNK) as { integrationId: string; size: number }[],
+        )();
+        for (const row of rows) {
+          const c = countersOf(row.integrationId);
+          c.depth--;
+          c.bytes -= row.size;
+          c.expired++;
+          perQueue.set(row.integrationId, (perQueue.get(row.integrationId) ?? 0) + 1);
+        }
+        if (rows.length < EXPIRE_CHUNK) break;
+      }
+      let total = 0;
+      for (const [integrationId, count] of perQueue) {
+        total += count;
+        const c = countersOf(integrationId);
+        logger.warn({ integrationId, count, depth: c.depth, bytes: c.bytes, total: c.expired }, 'queue_expired');
+        activity.record({
+          integrationId,
+          activityType: 'queue_expired',
+          direction: 'internal',
+          status: 'failed',
+          errorMessage: `${count} queued messages expired before delivery`,
+          metadata: { count, reason: 'ttl' },
+        });
+      }
+      return total;
+    },
+
+    onEnqueue(listener) {
+      listeners.add(listener);
+      return () => {
+        listeners.delete(listener);
+      };
+    },
+
+    flush() {
+      flushNow();
+      return Promise.resolve();
+    },
+
+    close() {
+      if (!closed) {
+        closed = true;
+        flushNow();
+        for (const [key, pending] of pendingReports) {
+          const [kind, integrationId] = key.split('\u0000') as [DropKind, string];
+          report(kind, integrationId, pending);
+        }
+      }
+      return Promise.resolve();
+    },
+  };
+}
+
+/** Why a queue refuses one more message of `size` bytes, or undefined when it takes it. */
+function refusalReason(
+  limits: QueueLimits,
+  state: { depth: number; bytes: number },
+  size: number,
+): DropReason | undefined {
+  if (size > limits.maxBytes) return 'too-large';
+  if (limits.onFull !== 'reject-new') return undefined;
+  if (state.depth + 1 > limits.maxMessages) return 'max-messages';
+  if (state.bytes + size > limits.maxBytes) return 'max-bytes';
+  return undefined;
+}
+
+function addCount(map: Map<string, Map<DropReason, number>>, integrationId: string, reason: DropReason, n: number) {
+  if (n === 0) return;
+  let reasons = map.get(integrationId);
+  if (reasons === undefined) {
+    reasons = new Map();
+    map.set(integrationId, reasons);
+  }
+  reasons.set(reason, (reasons.get(reason) ?? 0) + n);
+}
