@@ -41,13 +41,15 @@ export function createIngest(options: IngestOptions): Ingest {
   // QoS 0 failures come in floods (disk full, queue full): one line per second with the count.
   let unloggedFailures = 0;
   let lastFailureLogAt = -Infinity;
+  let lastFailure: { err: unknown; message: IncomingMessage } | undefined;
+  let tailTimer: NodeJS.Timeout | undefined;
 
-  const noteQos0Failure = (err: unknown, message: IncomingMessage) => {
-    qos0Failures++;
-    unloggedFailures++;
-    const t = now();
-    if (t - lastFailureLogAt < FAILURE_LOG_INTERVAL_MS) return;
-    lastFailureLogAt = t;
+  const logFailures = () => {
+    if (tailTimer !== undefined) clearTimeout(tailTimer);
+    tailTimer = undefined;
+    lastFailureLogAt = now();
+    if (unloggedFailures === 0 || lastFailure === undefined) return;
+    const { err, message } = lastFailure;
     logger.warn(
       {
         code: isGatewayError(err) ? err.code : undefined,
@@ -60,6 +62,21 @@ export function createIngest(options: IngestOptions): Ingest {
       'qos0_message_not_queued',
     );
     unloggedFailures = 0;
+  };
+
+  const noteQos0Failure = (err: unknown, message: IncomingMessage) => {
+    qos0Failures++;
+    unloggedFailures++;
+    lastFailure = { err, message };
+    const sinceLast = now() - lastFailureLogAt;
+    if (sinceLast >= FAILURE_LOG_INTERVAL_MS) {
+      logFailures();
+    } else if (tailTimer === undefined) {
+      // The rest of a flood is logged once the second is over, even if nothing follows it.
+      const delay = Math.min(Math.max(FAILURE_LOG_INTERVAL_MS - sinceLast, 0), FAILURE_LOG_INTERVAL_MS);
+      tailTimer = setTimeout(logFailures, delay);
+      tailTimer.unref();
+    }
   };
 
   return {
