@@ -33,8 +33,7 @@ const FAILURE_LOG_INTERVAL_MS = 1000;
 
 /** Route matching and the commit-before-PUBACK path (SPEC §5). */
 export function createIngest(options: IngestOptions): Ingest {
-  const { outbox } = options;
-  const logger = options.logger.child({ component: 'ingest' });
+  const { outbox, logger } = options;
   const now = options.now ?? Date.now;
   let table: readonly RouteTable[] = buildTable(options.integrations);
   let qos0Failures = 0;

@@ -61,8 +61,7 @@ const EXPIRE_CHUNK = 5000;
  * synchronous=FULL costs is shared by every message of the batch.
  */
 export function createOutbox(options: OutboxOptions): Outbox {
-  const { db, activity } = options;
-  const logger = options.logger.child({ component: 'outbox' });
+  const { db, activity, logger } = options;
   const now = options.now ?? Date.now;
   const maxBatch = Math.max(1, options.maxBatch ?? 1000);
 
@@ -179,7 +178,8 @@ export function createOutbox(options: OutboxOptions): Outbox {
 
       for (const target of targets) {
         const draft = draftOf(target.integrationId);
-        if (target.limits.onFull === 'drop-oldest') makeRoom(target.integrationId, target.limits, draft, size, result);
+        if (target.limits.onFull === 'drop-oldest')
+          makeRoom(target.integrationId, target.limits, draft, size, result);
         insertRow.run(
           target.integrationId,
           message.deviceId,
@@ -359,7 +359,9 @@ export function createOutbox(options: OutboxOptions): Outbox {
   return {
     enqueue(message, targets) {
       if (closed) {
-        return Promise.reject(new GatewayError(ErrorCodes.STORE_WRITE, 'the store is closing', { retryable: false }));
+        return Promise.reject(
+          new GatewayError(ErrorCodes.STORE_WRITE, 'the store is closing', { retryable: false }),
+        );
       }
       if (targets.length === 0) return Promise.resolve();
       const promise = new Promise<void>((resolve, reject) => {
@@ -381,18 +383,16 @@ export function createOutbox(options: OutboxOptions): Outbox {
         enqueued_at: number;
         attempts: number;
       }[];
-      return rows.map(
-        (r): OutboundMessage => ({
-          id: r.id,
-          deviceId: r.device_id,
-          topic: r.topic,
-          payload: r.payload,
-          qos: r.qos as 0 | 1 | 2,
-          retain: r.retain !== 0,
-          enqueuedAt: r.enqueued_at,
-          attempts: r.attempts,
-        }),
-      );
+      return rows.map((r): OutboundMessage => ({
+        id: r.id,
+        deviceId: r.device_id,
+        topic: r.topic,
+        payload: r.payload,
+        qos: r.qos as 0 | 1 | 2,
+        retain: r.retain !== 0,
+        enqueuedAt: r.enqueued_at,
+        attempts: r.attempts,
+      }));
     },
 
     ack(integrationId, ids) {
@@ -436,7 +436,14 @@ export function createOutbox(options: OutboxOptions): Outbox {
       c.bytes -= moved.size;
       c.deadLettered++;
       logger.warn(
-        { integrationId, messageId: message.id, topic: message.topic, deviceId: message.deviceId, code, reason },
+        {
+          integrationId,
+          messageId: message.id,
+          topic: message.topic,
+          deviceId: message.deviceId,
+          code,
+          reason,
+        },
         'queue_dead_lettered',
       );
       activity.record({
@@ -486,7 +493,10 @@ export function createOutbox(options: OutboxOptions): Outbox {
       for (const [integrationId, count] of perQueue) {
         total += count;
         const c = countersOf(integrationId);
-        logger.warn({ integrationId, count, depth: c.depth, bytes: c.bytes, total: c.expired }, 'queue_expired');
+        logger.warn(
+          { integrationId, count, depth: c.depth, bytes: c.bytes, total: c.expired },
+          'queue_expired',
+        );
         activity.record({
           integrationId,
           activityType: 'queue_expired',
@@ -538,7 +548,12 @@ function refusalReason(
   return undefined;
 }
 
-function addCount(map: Map<string, Map<DropReason, number>>, integrationId: string, reason: DropReason, n: number) {
+function addCount(
+  map: Map<string, Map<DropReason, number>>,
+  integrationId: string,
+  reason: DropReason,
+  n: number,
+) {
   if (n === 0) return;
   let reasons = map.get(integrationId);
   if (reasons === undefined) {

@@ -49,11 +49,15 @@ function msg(topic: string, qos: 0 | 1 | 2, payload = 'p', retain = false): Inco
   return { deviceId: 'sensor-1', topic, payload: Buffer.from(payload), qos, retain };
 }
 
-function committedRows(file: string): { integration_id: string; topic: string; qos: number; retain: number }[] {
+function committedRows(
+  file: string,
+): { integration_id: string; topic: string; qos: number; retain: number }[] {
   const db = new Database(file, { readonly: true });
   try {
     return db
-      .prepare('SELECT integration_id, topic, qos, retain, enqueued_at, expires_at FROM queue_messages ORDER BY id')
+      .prepare(
+        'SELECT integration_id, topic, qos, retain, enqueued_at, expires_at FROM queue_messages ORDER BY id',
+      )
       .all() as { integration_id: string; topic: string; qos: number; retain: number }[];
   } finally {
     db.close();
@@ -116,9 +120,11 @@ describe('ingest', () => {
     const [row] = committedRows(store.file) as unknown as { enqueued_at: number; expires_at: number }[];
     expect(row!.expires_at - row!.enqueued_at).toBe(3_600_000);
     // ALL holds 1KB: a larger message is refused, and reaches no queue at all.
-    await expect(ingest.accept(msg('devices/sensor-1/telemetry', 1, 'x'.repeat(2000)))).rejects.toMatchObject({
-      code: ErrorCodes.QUEUE_FULL,
-    });
+    await expect(ingest.accept(msg('devices/sensor-1/telemetry', 1, 'x'.repeat(2000)))).rejects.toMatchObject(
+      {
+        code: ErrorCodes.QUEUE_FULL,
+      },
+    );
     expect(committedRows(store.file)).toHaveLength(1);
   });
 
@@ -132,7 +138,11 @@ describe('ingest', () => {
   it('queues QoS 0 without holding the publisher up', async () => {
     expect(ingest.accept(msg('devices/sensor-1/telemetry', 0))).toBeNull();
     await outbox.flush();
-    expect(committedRows(store.file).map((r) => [r.integration_id, r.qos]).sort()).toEqual(
+    expect(
+      committedRows(store.file)
+        .map((r) => [r.integration_id, r.qos])
+        .sort(),
+    ).toEqual(
       [
         [TELEMETRY, 0],
         [ALL, 0],
@@ -168,10 +178,15 @@ describe('ingest', () => {
 
   it('rejects a QoS 1 message a full reject-new queue refuses, so it is not acknowledged', async () => {
     ingest.setIntegrations(
-      integrations([{ id: TELEMETRY, routes: [{ from: '#' }], queue: { maxMessages: 1, onFull: 'reject-new' } }]),
+      integrations([
+        { id: TELEMETRY, routes: [{ from: '#' }], queue: { maxMessages: 1, onFull: 'reject-new' } },
+      ]),
     );
     await ingest.accept(msg('a', 1));
-    await expect(ingest.accept(msg('b', 1))).rejects.toMatchObject({ code: ErrorCodes.QUEUE_FULL, retryable: false });
+    await expect(ingest.accept(msg('b', 1))).rejects.toMatchObject({
+      code: ErrorCodes.QUEUE_FULL,
+      retryable: false,
+    });
   });
 
   it('applies new routes to the next message after a live reload', async () => {

@@ -33,7 +33,12 @@ describe('matchTopic', () => {
 });
 
 describe('expandTemplate', () => {
-  const vars = { topic: 'devices/s1/telemetry/temp', deviceId: 's1', gatewayId: 'gw1', captures: ['s1', 'temp'] };
+  const vars = {
+    topic: 'devices/s1/telemetry/temp',
+    deviceId: 's1',
+    gatewayId: 'gw1',
+    captures: ['s1', 'temp'],
+  };
 
   it('fills topic, device, gateway and numbered captures', () => {
     expect(expandTemplate('{topic}', vars)).toBe('devices/s1/telemetry/temp');
@@ -51,8 +56,12 @@ describe('expandTemplate', () => {
   });
 
   it('throws a config error for a placeholder without a value instead of publishing to a wrong topic', () => {
-    expect(() => expandTemplate('out/{3}', vars)).toThrowError(expect.objectContaining({ code: ErrorCodes.CONFIG_INVALID }));
-    expect(() => expandTemplate('out/{0}', vars)).toThrowError(expect.objectContaining({ code: ErrorCodes.CONFIG_INVALID }));
+    expect(() => expandTemplate('out/{3}', vars)).toThrowError(
+      expect.objectContaining({ code: ErrorCodes.CONFIG_INVALID }),
+    );
+    expect(() => expandTemplate('out/{0}', vars)).toThrowError(
+      expect.objectContaining({ code: ErrorCodes.CONFIG_INVALID }),
+    );
     expect(() => expandTemplate('out/{deviceId}', { topic: 't', captures: [] })).toThrowError(
       expect.objectContaining({ code: ErrorCodes.CONFIG_INVALID }),
     );
@@ -60,6 +69,8 @@ describe('expandTemplate', () => {
 
   it('round-trips with matchTopic captures', () => {
     const captures = matchTopic('devices/+/telemetry/#', 'devices/s9/telemetry/a/b')!;
-    expect(expandTemplate('cloud/{1}/{2}', { topic: 'devices/s9/telemetry/a/b', captures })).toBe('cloud/s9/a/b');
+    expect(expandTemplate('cloud/{1}/{2}', { topic: 'devices/s9/telemetry/a/b', captures })).toBe(
+      'cloud/s9/a/b',
+    );
   });
 });

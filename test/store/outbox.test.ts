@@ -13,7 +13,12 @@ import type { EnqueueTarget, IncomingMessage, Outbox, QueueLimits } from '../../
 const A = '0b7e0000-0000-4000-8000-00000000000a';
 const B = '0b7e0000-0000-4000-8000-00000000000b';
 
-const roomy: QueueLimits = { maxMessages: 1_000_000, maxBytes: 512 * 1024 * 1024, onFull: 'drop-oldest', ttlMs: 0 };
+const roomy: QueueLimits = {
+  maxMessages: 1_000_000,
+  maxBytes: 512 * 1024 * 1024,
+  onFull: 'drop-oldest',
+  ttlMs: 0,
+};
 
 function msg(payload: string | Buffer, overrides: Partial<IncomingMessage> = {}): IncomingMessage {
   return {
@@ -35,7 +40,9 @@ function tableState(file: string, integrationId: string): { depth: number; bytes
   const db = new Database(file, { readonly: true });
   try {
     const row = db
-      .prepare('SELECT count(*) AS n, coalesce(sum(length(payload)), 0) AS b FROM queue_messages WHERE integration_id = ?')
+      .prepare(
+        'SELECT count(*) AS n, coalesce(sum(length(payload)), 0) AS b FROM queue_messages WHERE integration_id = ?',
+      )
       .get(integrationId) as { n: number; b: number };
     return { depth: row.n, bytes: row.b };
   } finally {
@@ -187,7 +194,10 @@ describe('outbox: ack, attempts, dead letters', () => {
     expect(h.outbox.stats(A)).toMatchObject({ depth: 2, bytes: 10 });
     expect(tableState(h.store.file, A)).toEqual({ depth: 2, bytes: 10 });
     expect(h.outbox.stats(B)).toMatchObject({ depth: 3, bytes: 12 });
-    h.outbox.ack(A, rows.map((r) => r.id));
+    h.outbox.ack(
+      A,
+      rows.map((r) => r.id),
+    );
     expect(h.outbox.stats(A)).toMatchObject({ depth: 0, bytes: 0, oldestEnqueuedAt: null });
   });
 
@@ -223,16 +233,20 @@ describe('outbox: ack, attempts, dead letters', () => {
 
     const rows = h.activity.list({ activityType: 'dead_letter' });
     expect(rows).toHaveLength(1);
-    expect(rows[0]).toMatchObject({ integrationId: A, status: 'failed', errorCode: ErrorCodes.PROVIDER_TOO_LARGE });
+    expect(rows[0]).toMatchObject({
+      integrationId: A,
+      status: 'failed',
+      errorCode: ErrorCodes.PROVIDER_TOO_LARGE,
+    });
     expect(rows[0]!.metadata).toEqual({
       messageId: poison!.id,
       topic: poison!.topic,
       deviceId: 'sensor-1',
       reason: 'payload exceeds 128 KB',
     });
-    expect(h.logs.some((l) => l.msg === 'queue_dead_lettered' && l.level === 'warn' && l.integrationId === A)).toBe(
-      true,
-    );
+    expect(
+      h.logs.some((l) => l.msg === 'queue_dead_lettered' && l.level === 'warn' && l.integrationId === A),
+    ).toBe(true);
 
     // Twice, or for a row already gone: nothing moves, nothing is counted twice.
     h.outbox.deadLetter(A, poison!, ErrorCodes.PROVIDER_TOO_LARGE, 'again');
@@ -246,7 +260,9 @@ describe('outbox: bounds', () => {
   });
 
   it('drop-oldest keeps the newest rows within maxMessages and counts the drops', async () => {
-    await Promise.all(Array.from({ length: 8 }, (_, i) => h.outbox.enqueue(msg(`m${i}`), [target(A, { maxMessages: 5 })])));
+    await Promise.all(
+      Array.from({ length: 8 }, (_, i) => h.outbox.enqueue(msg(`m${i}`), [target(A, { maxMessages: 5 })])),
+    );
     expect(h.outbox.read(A, 0, 100).map((m) => m.payload.toString())).toEqual(['m3', 'm4', 'm5', 'm6', 'm7']);
     expect(h.outbox.stats(A)).toMatchObject({ depth: 5, bytes: 10, dropped: 3 });
     expect(tableState(h.store.file, A)).toEqual({ depth: 5, bytes: 10 });
@@ -269,8 +285,16 @@ describe('outbox: bounds', () => {
 
   it('reject-new refuses the message for every target, so nothing is acknowledged', async () => {
     const targets = [target(A), target(B, { maxMessages: 3, onFull: 'reject-new' })];
-    const results = await Promise.allSettled(Array.from({ length: 5 }, (_, i) => h.outbox.enqueue(msg(`m${i}`), targets)));
-    expect(results.map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled', 'rejected', 'rejected']);
+    const results = await Promise.allSettled(
+      Array.from({ length: 5 }, (_, i) => h.outbox.enqueue(msg(`m${i}`), targets)),
+    );
+    expect(results.map((r) => r.status)).toEqual([
+      'fulfilled',
+      'fulfilled',
+      'fulfilled',
+      'rejected',
+      'rejected',
+    ]);
     const err = (results[3] as PromiseRejectedResult).reason as GatewayError;
     expect(err).toBeInstanceOf(GatewayError);
     expect(err.code).toBe(ErrorCodes.QUEUE_FULL);
@@ -289,7 +313,9 @@ describe('outbox: bounds', () => {
   it('reject-new also refuses on maxBytes', async () => {
     const targets = [target(A, { maxBytes: 10, onFull: 'reject-new' })];
     await h.outbox.enqueue(msg('123456'), targets);
-    await expect(h.outbox.enqueue(msg('12345'), targets)).rejects.toMatchObject({ code: ErrorCodes.QUEUE_FULL });
+    await expect(h.outbox.enqueue(msg('12345'), targets)).rejects.toMatchObject({
+      code: ErrorCodes.QUEUE_FULL,
+    });
     await h.outbox.enqueue(msg('1234'), targets);
     expect(h.outbox.stats(A)).toMatchObject({ depth: 2, bytes: 10, rejected: 1 });
   });
@@ -304,7 +330,10 @@ describe('outbox: bounds', () => {
     expect(h.outbox.stats(B)).toMatchObject({ depth: 1, rejected: 1, dropped: 0 });
     expect(h.outbox.stats(A).depth).toBe(1);
     await h.outbox.close();
-    expect(h.activity.list({ activityType: 'queue_rejected' })[0]!.metadata).toEqual({ count: 1, reason: 'too-large' });
+    expect(h.activity.list({ activityType: 'queue_rejected' })[0]!.metadata).toEqual({
+      count: 1,
+      reason: 'too-large',
+    });
   });
 
   it('reports a flood of refusals at most once per second per queue, and the rest on close', async () => {
@@ -312,7 +341,9 @@ describe('outbox: bounds', () => {
     await h.outbox.enqueue(msg('keep'), targets);
     let refused = 0;
     for (let round = 0; round < 3; round++) {
-      const results = await Promise.allSettled(Array.from({ length: 50 }, () => h.outbox.enqueue(msg('x'), targets)));
+      const results = await Promise.allSettled(
+        Array.from({ length: 50 }, () => h.outbox.enqueue(msg('x'), targets)),
+      );
       refused += results.filter((r) => r.status === 'rejected').length;
     }
     expect(refused).toBe(150);
@@ -326,7 +357,9 @@ describe('outbox: bounds', () => {
     expect(rejectedLines()[1]).toMatchObject({ level: 'warn', integrationId: A, total: 150 });
     const rows = h.activity.list({ activityType: 'queue_rejected' });
     expect(rows.map((r) => r.metadata.count).sort()).toEqual([100, 50]);
-    expect(rows.every((r) => r.status === 'failed' && r.direction === 'internal' && r.integrationId === A)).toBe(true);
+    expect(
+      rows.every((r) => r.status === 'failed' && r.direction === 'internal' && r.integrationId === A),
+    ).toBe(true);
   });
 
   it('reports again at once when a second has passed', async () => {
@@ -355,7 +388,10 @@ describe('outbox: bounds', () => {
         if (i % 10 === 0) {
           // A forwarder acking rows that drop-oldest may already have removed.
           const rows = h.outbox.read(A, 0, 5);
-          h.outbox.ack(A, rows.map((r) => r.id));
+          h.outbox.ack(
+            A,
+            rows.map((r) => r.id),
+          );
           acked += rows.length;
         }
       }
@@ -406,11 +442,16 @@ describe('outbox: ttl', () => {
   });
 
   it('expires large backlogs across chunks', async () => {
-    await Promise.all(Array.from({ length: 12_000 }, () => h.outbox.enqueue(msg('x'), [target(A, { ttlMs: 10 })])));
+    await Promise.all(
+      Array.from({ length: 12_000 }, () => h.outbox.enqueue(msg('x'), [target(A, { ttlMs: 10 })])),
+    );
     h.clock.t += 10;
     expect(h.outbox.expire()).toBe(12_000);
     expect(h.outbox.stats(A)).toMatchObject({ depth: 0, bytes: 0, expired: 12_000 });
-    expect(h.activity.list({ activityType: 'queue_expired' })[0]!.metadata).toEqual({ count: 12_000, reason: 'ttl' });
+    expect(h.activity.list({ activityType: 'queue_expired' })[0]!.metadata).toEqual({
+      count: 12_000,
+      reason: 'ttl',
+    });
   });
 });
 
@@ -439,7 +480,11 @@ describe('outbox: restart, close, disk full, volume', () => {
     expect(tableState(h.store.file, A).depth).toBe(1);
     const err = await h.outbox.enqueue(msg('late'), [target(A)]).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(GatewayError);
-    expect(err).toMatchObject({ code: ErrorCodes.STORE_WRITE, retryable: false, message: 'the store is closing' });
+    expect(err).toMatchObject({
+      code: ErrorCodes.STORE_WRITE,
+      retryable: false,
+      message: 'the store is closing',
+    });
     expect(tableState(h.store.file, A).depth).toBe(1);
   });
 
@@ -452,7 +497,9 @@ describe('outbox: restart, close, disk full, volume', () => {
     let accepted = 0;
     let failure: unknown;
     for (let round = 0; round < 200 && failure === undefined; round++) {
-      const results = await Promise.allSettled(Array.from({ length: 5 }, () => h.outbox.enqueue(msg(payload), targets)));
+      const results = await Promise.allSettled(
+        Array.from({ length: 5 }, () => h.outbox.enqueue(msg(payload), targets)),
+      );
       accepted += results.filter((r) => r.status === 'fulfilled').length;
       failure = results.find((r): r is PromiseRejectedResult => r.status === 'rejected')?.reason;
       // A batch is all or nothing.
