@@ -18,6 +18,7 @@ const INDEX_HTML = String.raw`<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>iot-gateway</title>
+<link rel="icon" href="/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="/style.css">
 <script src="/app.js" defer></script>
 </head>
@@ -38,8 +39,9 @@ const INDEX_HTML = String.raw`<!doctype html>
 </header>
 <div class="banner banner-error" data-testid="conn-error" hidden></div>
 <div class="banner banner-warn" data-testid="config-error" hidden>
-  <strong>Last configuration reload was refused</strong>; the previous configuration stays in force.
-  <span data-testid="config-error-message"></span>
+  <div><strong>Configuration edit refused</strong> <span data-testid="config-error-when"></span>
+    — the previous configuration stays in force.</div>
+  <div class="banner-detail" data-testid="config-error-message"></div>
   <ul data-testid="config-error-issues"></ul>
 </div>
 <div class="banner banner-info" data-testid="pending-restart" hidden></div>
@@ -158,6 +160,7 @@ body {
 .updated { color: #aeb9c5; font-size: 12px; margin-top: 4px; }
 main { padding: 16px 24px 32px; max-width: 1500px; margin: 0 auto; }
 .banner { margin: 12px 24px 0; padding: 10px 14px; border-radius: 6px; border: 1px solid; }
+.banner-detail { margin-top: 4px; }
 .banner ul { margin: 6px 0 0; padding-left: 20px; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; }
 .banner-error { background: var(--red-bg); color: var(--red); border-color: #f5c2bd; }
 .banner-warn { background: var(--amber-bg); color: #6d4500; border-color: #f1d79c; }
@@ -290,7 +293,8 @@ const APP_JS = String.raw`(function () {
     var list = byId('config-error-issues');
     list.replaceChildren();
     if (err) {
-      setText('config-error-message', err.message + ' (' + fmtAgo(err.at, s.now) + ')');
+      setText('config-error-when', fmtAgo(err.at, s.now));
+      setText('config-error-message', err.message);
       (err.issues || []).forEach(function (issue) {
         list.appendChild(el('li', '', issue.path + ': ' + issue.message + (issue.line ? ' (line ' + issue.line + ')' : '')));
       });
@@ -490,9 +494,17 @@ const APP_JS = String.raw`(function () {
 })();
 `;
 
+const FAVICON_SVG = String.raw`<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect width="32" height="32" rx="7" fill="#17212b"/>
+<circle cx="16" cy="16" r="4" fill="#9fd0ff"/>
+<circle cx="16" cy="16" r="9" fill="none" stroke="#9fd0ff" stroke-width="2" stroke-dasharray="9 5"/>
+</svg>
+`;
+
 /** Served paths → assets. */
 export const DASHBOARD_ASSETS: Readonly<Record<string, DashboardAsset>> = {
   '/': { contentType: 'text/html; charset=utf-8', body: INDEX_HTML },
   '/app.js': { contentType: 'text/javascript; charset=utf-8', body: APP_JS },
   '/style.css': { contentType: 'text/css; charset=utf-8', body: STYLE_CSS },
+  '/favicon.svg': { contentType: 'image/svg+xml', body: FAVICON_SVG },
 };

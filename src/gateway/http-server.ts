@@ -59,7 +59,8 @@ type Handler = (url: URL) => Reply | Promise<Reply>;
  * metrics and the dashboard. Read-only: GET and HEAD only, bodies refused.
  */
 export function createHttpServer(options: HttpServerOptions): HttpServer {
-  const logger = options.logger.child({ component: 'http' });
+  // the caller passes a child logger carrying component: 'http'
+  const logger = options.logger;
 
   const routes = new Map<string, Handler>([
     ['/healthz', () => json(200, { status: 'ok' })],
@@ -67,14 +68,20 @@ export function createHttpServer(options: HttpServerOptions): HttpServer {
       '/readyz',
       () => {
         const r = options.isReady();
-        return r.ready ? json(200, { status: 'ready', reasons: [] }) : json(503, { status: 'not_ready', reasons: r.reasons });
+        return r.ready
+          ? json(200, { status: 'ready', reasons: [] })
+          : json(503, { status: 'not_ready', reasons: r.reasons });
       },
     ],
     ['/api/status', () => json(200, options.getStatus())],
     ['/api/activity', (url) => activity(url)],
     [
       '/metrics',
-      async () => ({ status: 200, contentType: options.metrics.contentType, body: await options.metrics.render() }),
+      async () => ({
+        status: 200,
+        contentType: options.metrics.contentType,
+        body: await options.metrics.render(),
+      }),
     ],
   ]);
   if (options.dashboard) {
@@ -94,7 +101,9 @@ export function createHttpServer(options: HttpServerOptions): HttpServer {
     const integration = q.get('integration');
     if (integration) {
       // a name or an id; an id that is not configured any more still finds its old rows
-      const match = options.getStatus().integrations.find((i) => i.name === integration || i.id === integration);
+      const match = options
+        .getStatus()
+        .integrations.find((i) => i.name === integration || i.id === integration);
       filter.integrationId = match?.id ?? integration;
     }
     const status = q.get('status');
@@ -116,7 +125,9 @@ export function createHttpServer(options: HttpServerOptions): HttpServer {
     if (since) {
       const at = parseSince(since, Date.now());
       if (at === undefined) {
-        return badRequest('since must be a duration back from now (30s, 5m, 1h, 7d), an ISO time or ms since epoch');
+        return badRequest(
+          'since must be a duration back from now (30s, 5m, 1h, 7d), an ISO time or ms since epoch',
+        );
       }
       filter.since = at;
     }
@@ -144,13 +155,20 @@ export function createHttpServer(options: HttpServerOptions): HttpServer {
     const handler = routes.get(url.pathname);
     if (!handler) return error(404, 'not_found', `no such resource: ${url.pathname}`);
     if (method !== 'GET' && method !== 'HEAD') {
-      return { ...error(405, 'method_not_allowed', `${method} is not allowed here; use GET`), headers: { Allow: 'GET, HEAD' } };
+      return {
+        ...error(405, 'method_not_allowed', `${method} is not allowed here; use GET`),
+        headers: { Allow: 'GET, HEAD' },
+      };
     }
     return handler(url);
   }
 
   const server = createServer(
-    { headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS },
+    {
+      headersTimeout: HEADERS_TIMEOUT_MS,
+      requestTimeout: REQUEST_TIMEOUT_MS,
+      keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
+    },
     (req, res) => {
       const started = performance.now();
       handle(req, res)
@@ -179,7 +197,8 @@ export function createHttpServer(options: HttpServerOptions): HttpServer {
   server.maxConnections = MAX_CONNECTIONS;
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     logger.debug({ err: errorMessage(err), code: err.code }, 'http_client_error');
-    if (socket.writable && !socket.writableEnded) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+    if (socket.writable && !socket.writableEnded)
+      socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
     else socket.destroy();
   });
 
@@ -257,7 +276,9 @@ function safePath(url: string | undefined): string {
 
 function isLoopback(host: string): boolean {
   const h = host.replace(/^\[|\]$/g, '').toLowerCase();
-  return h === 'localhost' || h.endsWith('.localhost') || h === '::1' || (isIP(h) === 4 && h.startsWith('127.'));
+  return (
+    h === 'localhost' || h.endsWith('.localhost') || h === '::1' || (isIP(h) === 4 && h.startsWith('127.'))
+  );
 }
 
 /** When bound to loopback only, the Host header must name loopback too. */

@@ -95,14 +95,9 @@ export function createMetrics(options: MetricsOptions): Metrics {
     [],
     (s) => [{ labels: {}, value: s.broker.messagesIn }],
   );
-  snapshotCounter(
-    registry,
-    snap,
-    'iot_gateway_auth_failures_total',
-    'Refused device logins',
-    [],
-    (s) => [{ labels: {}, value: s.broker.authFailures }],
-  );
+  snapshotCounter(registry, snap, 'iot_gateway_auth_failures_total', 'Refused device logins', [], (s) => [
+    { labels: {}, value: s.broker.authFailures },
+  ]);
   snapshotCounter(
     registry,
     snap,
@@ -112,8 +107,10 @@ export function createMetrics(options: MetricsOptions): Metrics {
     (s) => [{ labels: {}, value: s.store.writeFailures }],
   );
 
-  integrationGauge('iot_gateway_integration_up', 'Whether the integration is connected (1) or not (0)', (i) =>
-    i.state === 'connected' ? 1 : 0,
+  integrationGauge(
+    'iot_gateway_integration_up',
+    'Whether the integration is connected (1) or not (0)',
+    (i) => (i.state === 'connected' ? 1 : 0),
   );
   gauge(
     'iot_gateway_integration_state',
@@ -127,15 +124,31 @@ export function createMetrics(options: MetricsOptions): Metrics {
         })),
       ),
   );
-  integrationGauge('iot_gateway_queue_depth', 'Messages waiting in the integration queue', (i) => i.queue.depth);
-  integrationGauge('iot_gateway_queue_bytes', 'Payload bytes waiting in the integration queue', (i) => i.queue.bytes);
+  integrationGauge(
+    'iot_gateway_queue_depth',
+    'Messages waiting in the integration queue',
+    (i) => i.queue.depth,
+  );
+  integrationGauge(
+    'iot_gateway_queue_bytes',
+    'Payload bytes waiting in the integration queue',
+    (i) => i.queue.bytes,
+  );
   integrationGauge(
     'iot_gateway_queue_oldest_age_seconds',
     'Age of the oldest queued message (0 when the queue is empty)',
     (i) => (i.queue.oldestAgeMs ?? 0) / 1000,
   );
-  integrationGauge('iot_gateway_dead_letters', 'Messages currently held as dead letters', (i) => i.queue.deadLetters);
-  integrationGauge('iot_gateway_inflight', 'Messages sent upstream and not yet acknowledged', (i) => i.inflight);
+  integrationGauge(
+    'iot_gateway_dead_letters',
+    'Messages currently held as dead letters',
+    (i) => i.queue.deadLetters,
+  );
+  integrationGauge(
+    'iot_gateway_inflight',
+    'Messages sent upstream and not yet acknowledged',
+    (i) => i.inflight,
+  );
   gauge(
     'iot_gateway_integration_last_ack_age_seconds',
     'Seconds since the last upstream acknowledgement (absent before the first)',
