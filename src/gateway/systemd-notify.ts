@@ -59,7 +59,8 @@ const MAX_SOCKET_PATH_BYTES = 107;
 export function parseNotifySocket(value: string): NotifySocketAddress {
   if (value.startsWith('@')) return { kind: 'abstract', name: value.slice(1) };
   if (!isAbsolute(value)) return { kind: 'unsupported', reason: 'not an absolute path' };
-  if (Buffer.byteLength(value) > MAX_SOCKET_PATH_BYTES) return { kind: 'unsupported', reason: 'path too long' };
+  if (Buffer.byteLength(value) > MAX_SOCKET_PATH_BYTES)
+    return { kind: 'unsupported', reason: 'path too long' };
   return { kind: 'path', path: value };
 }
 
@@ -83,7 +84,11 @@ function oneLine(text: string): string {
 export function createSystemdNotifier(options: SystemdNotifierOptions): SystemdNotifier {
   const env = options.env ?? process.env;
   const pid = options.pid ?? process.pid;
-  const logger = options.logger.child({ component: 'systemd' });
+  // Callers may already pass a child with a component; a second one would repeat the key.
+  const logger =
+    options.logger.bindings().component === undefined
+      ? options.logger.child({ component: 'systemd' })
+      : options.logger;
   const socketValue = env.NOTIFY_SOCKET;
 
   let socketPath: string | undefined;

@@ -80,6 +80,18 @@ async function waitFor(what: string, predicate: () => boolean, timeoutMs = 10_00
   }
 }
 
+let flushes = 0;
+/**
+ * Waits until everything sent so far has been received: datagrams reach the receive queue
+ * synchronously and in send order, so once a marker sent now arrives, so has all before it.
+ */
+async function flush(): Promise<void> {
+  flushes += 1;
+  const marker = `STATUS=flush-${flushes}`;
+  notifier({ NOTIFY_SOCKET: socketPath }).status(marker.slice('STATUS='.length));
+  await waitFor(marker, () => messages.includes(marker));
+}
+
 const pings = (list: string[] = messages): number => list.filter((m) => m === 'WATCHDOG=1').length;
 
 /** Messages strictly between two STATUS= markers. */
@@ -188,6 +200,7 @@ describe('watchdog', () => {
     });
     await waitFor('7 pings', () => pings() >= 7);
     n.close();
+    await flush();
     expect(pings()).toBe(checkedAt.length);
     const gaps = checkedAt.slice(1).map((t, i) => t - checkedAt[i]!);
     const median = [...gaps].sort((a, b) => a - b)[Math.floor(gaps.length / 2)]!;
@@ -236,7 +249,10 @@ describe('watchdog', () => {
       checks += 1;
       return true;
     };
-    notifier({ NOTIFY_SOCKET: socketPath, WATCHDOG_USEC: '100000', WATCHDOG_PID: '4241' }, 4242).startWatchdog(check);
+    notifier(
+      { NOTIFY_SOCKET: socketPath, WATCHDOG_USEC: '100000', WATCHDOG_PID: '4241' },
+      4242,
+    ).startWatchdog(check);
     notifier({ NOTIFY_SOCKET: socketPath }).startWatchdog(check);
     const own = notifier({ NOTIFY_SOCKET: socketPath, WATCHDOG_USEC: '100000', WATCHDOG_PID: '4242' }, 4242);
     let ownChecks = 0;
@@ -246,6 +262,8 @@ describe('watchdog', () => {
     });
     // The matching notifier's pings show that time passed for the others to have pinged too.
     await waitFor('4 checks of the matching notifier', () => ownChecks >= 4);
+    own.close();
+    await flush();
     expect(checks).toBe(0);
     expect(pings()).toBe(ownChecks);
   });
@@ -259,6 +277,7 @@ describe('watchdog', () => {
     });
     await waitFor('2 pings', () => pings() >= 2);
     n.close();
+    await flush();
     const atClose = pings();
     const control = notifier({ NOTIFY_SOCKET: socketPath, WATCHDOG_USEC: '100000' });
     let controlChecks = 0;
@@ -268,6 +287,7 @@ describe('watchdog', () => {
     });
     await waitFor('3 control checks', () => controlChecks >= 3);
     control.close();
+    await flush();
     expect(checks).toBe(atClose);
     expect(pings()).toBe(atClose + controlChecks);
   });
@@ -276,7 +296,10 @@ describe('watchdog', () => {
 describe('watchdog in a child process (compiled dist/)', () => {
   function runChild(env: NodeJS.ProcessEnv): Promise<{ code: number | null; stderr: string }> {
     return new Promise((resolve, reject) => {
-      const child = spawn(process.execPath, [CHILD], { env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
+      const child = spawn(process.execPath, [CHILD], {
+        env: { ...process.env, ...env },
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       const timer = setTimeout(() => {
@@ -317,7 +340,11 @@ describe('watchdog in a child process (compiled dist/)', () => {
   });
 
   it('lets the process exit without close()', async () => {
-    const { code, stderr } = await runChild({ NOTIFY_SOCKET: socketPath, WATCHDOG_USEC: '200000', MODE: 'no-close' });
+    const { code, stderr } = await runChild({
+      NOTIFY_SOCKET: socketPath,
+      WATCHDOG_USEC: '200000',
+      MODE: 'no-close',
+    });
     expect(stderr).toBe('');
     expect(code).toBe(0);
     await waitFor('end marker', () => messages.includes('STATUS=end-of-script'));
