@@ -37,7 +37,8 @@ function fromConfig(acl: AclConfig): EffectiveAcl {
 }
 
 export function sameAcl(a: EffectiveAcl, b: EffectiveAcl): boolean {
-  const same = (x: readonly string[], y: readonly string[]) => x.length === y.length && x.every((v, i) => v === y[i]);
+  const same = (x: readonly string[], y: readonly string[]) =>
+    x.length === y.length && x.every((v, i) => v === y[i]);
   return same(a.publish, b.publish) && same(a.subscribe, b.subscribe) && same(a.deny, b.deny);
 }
 
@@ -49,9 +50,13 @@ function matches(filter: string, topic: string): boolean {
   return matchTopic(filter, topic) !== null;
 }
 
+/** aedes (through qlobber) cannot route deeper topics; refusing them early also covers wills. */
+export const MAX_TOPIC_LEVELS = 100;
+
 /** May a client with this ACL publish to `topic` (a concrete topic name)? */
 export function canPublish(acl: EffectiveAcl, topic: string): boolean {
   if (topic.length === 0 || isReserved(topic) || topic.includes('+') || topic.includes('#')) return false;
+  if (topic.split('/').length > MAX_TOPIC_LEVELS) return false;
   if (acl.deny.some((f) => matches(f, topic))) return false;
   return acl.publish.some((f) => matches(f, topic));
 }

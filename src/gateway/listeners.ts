@@ -89,7 +89,12 @@ export function createListeners(options: ListenersOptions): Listeners {
     const limited = limitPacketSize(stream, {
       maxPacketSize: options.maxPacketSize,
       onReject: (r) =>
-        options.onReject({ reason: r.reason, remoteAddress: info.remoteAddress, listener: info.listener, declaredSize: r.declaredSize }),
+        options.onReject({
+          reason: r.reason,
+          remoteAddress: info.remoteAddress,
+          listener: info.listener,
+          declaredSize: r.declaredSize,
+        }),
     });
     try {
       options.onConnection(limited, info);
@@ -105,7 +110,12 @@ export function createListeners(options: ListenersOptions): Listeners {
         const server = createNetServer({ noDelay: true });
         server.on('connection', (socket: Socket) => {
           if (!admit(socket, 'tcp')) return;
-          hand(socket, { listener: 'tcp', listenerIndex: index, remoteAddress: socket.remoteAddress ?? null, certIdentity: null });
+          hand(socket, {
+            listener: 'tcp',
+            listenerIndex: index,
+            remoteAddress: socket.remoteAddress ?? null,
+            certIdentity: null,
+          });
         });
         return { server };
       }
@@ -148,7 +158,12 @@ export function createListeners(options: ListenersOptions): Listeners {
             const cn = socket.getPeerCertificate()?.subject?.CN;
             certIdentity = typeof cn === 'string' && cn.length > 0 ? cn : null;
           }
-          hand(socket, { listener: 'tls', listenerIndex: index, remoteAddress: socket.remoteAddress ?? null, certIdentity });
+          hand(socket, {
+            listener: 'tls',
+            listenerIndex: index,
+            remoteAddress: socket.remoteAddress ?? null,
+            certIdentity,
+          });
         });
         server.on('tlsClientError', (err, socket) => {
           logger.debug({ err, remoteAddress: socket.remoteAddress }, 'tls_handshake_failed');
@@ -172,7 +187,12 @@ export function createListeners(options: ListenersOptions): Listeners {
         });
         wss.on('connection', (ws, req) => {
           const stream = createWebSocketStream(ws);
-          hand(stream, { listener: 'ws', listenerIndex: index, remoteAddress: req.socket.remoteAddress ?? null, certIdentity: null });
+          hand(stream, {
+            listener: 'ws',
+            listenerIndex: index,
+            remoteAddress: req.socket.remoteAddress ?? null,
+            certIdentity: null,
+          });
         });
         wss.on('error', (err) => logger.error({ err }, 'ws_server_error'));
         return { server, wss };
@@ -190,7 +210,9 @@ export function createListeners(options: ListenersOptions): Listeners {
       const onListening = () => {
         server.off('error', onError);
         // Accept errors (EMFILE …) must not crash the daemon.
-        server.on('error', (err) => logger.error({ err, listener: config.type, port: config.port }, 'listener_error'));
+        server.on('error', (err) =>
+          logger.error({ err, listener: config.type, port: config.port }, 'listener_error'),
+        );
         const address = server.address() as AddressInfo;
         resolve({ type: config.type, host: address.address, port: address.port });
       };

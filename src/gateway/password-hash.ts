@@ -19,7 +19,12 @@ interface ParsedHash {
   key: Buffer;
 }
 
-function scryptAsync(password: Buffer, salt: Buffer, keyLength: number, options: ScryptOptions): Promise<Buffer> {
+function scryptAsync(
+  password: Buffer,
+  salt: Buffer,
+  keyLength: number,
+  options: ScryptOptions,
+): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     scrypt(password, salt, keyLength, options, (err, key) => (err ? reject(err) : resolve(key)));
   });
@@ -98,8 +103,9 @@ export interface PasswordVerifier {
   readonly cacheSize: number;
 }
 
-// A fixed hash of a random password with the default cost, only spent on for its timing.
-const DUMMY_HASH = '$scrypt$N=16384,r=8,p=1$ZHVtbXktc2FsdC1mb3ItdGltaW5n$Q2xvc2VkRG9vckR1bW15S2V5Rm9yVGltaW5nT25seSE=';
+/** A well-formed hash of no one's password at the default cost, verified only for its timing. */
+export const TIMING_DUMMY_HASH =
+  '$scrypt$N=16384,r=8,p=1$ZHVtbXktc2FsdC1mb3ItdGltaW5n$Q2xvc2VkRG9vckR1bW15S2V5Rm9yVGltaW5nT25seSE=';
 
 export function createPasswordVerifier(options: PasswordVerifierOptions = {}): PasswordVerifier {
   const maxEntries = options.cacheSize ?? 1000;
@@ -121,7 +127,7 @@ export function createPasswordVerifier(options: PasswordVerifierOptions = {}): P
     },
     async verify(password, hash) {
       if (hash === undefined || !isPasswordHash(hash)) {
-        await verifyPassword(password, DUMMY_HASH);
+        await verifyPassword(password, TIMING_DUMMY_HASH);
         return false;
       }
       const key = cacheKey(password, hash);

@@ -1,0 +1,558 @@
+import { Aedes, type AedesPublishPacket, type Client, type PublishPacket, type Subscription } from 'aedes';
+import type { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
+import type { Config } from '../config/schema.js';
+import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { ActivityEntry, ActivityLog } from '../store/activity-log.js';
+import type { IncomingMessage } from '../store/outbox-types.js';
+import {
+  EMPTY_ACL,
+  anonymousAcl,
+  canPublish,
+  canReceive,
+  canSubscribe,
+  deviceAcl,
+  type EffectiveAcl,
+} from './acl.js';
+import {
+  createDeviceAuthenticator,
+  revocationReason,
+  type AuthFailureReason,
+  type Identity,
+} from './device-auth.js';
+import {
+  createListeners,
+  type BoundListener,
+  type ConnectionInfo,
+  type ConnectionRejection,
+} from './listeners.js';
+
+export interface BrokerOptions {
+  config: Config['broker'];
+  gatewayId: string;
+  /** features.retainedStatus: retained `gateway/{id}/status` online / offline. */
+  retainedStatus: boolean;
+  logger: Logger;
+  activity: ActivityLog;
+  /**
+   * Called after the ACL allowed a device publish; the broker awaits the promise (if any)
+   * before calling back, so the PUBACK (QoS 1) / PUBREC (QoS 2) goes out only after the
+   * durable commit. If it rejects, aedes closes the connection without PUBACK.
+   */
+  ingest: (message: IncomingMessage) => Promise<void> | null;
+  /** Aggregation window for auth-failure and rejection activity rows per remote address. */
+  activityWindowMs?: number;
+}
+
+export interface BrokerStats {
+  /** Open client sockets across all listeners (authenticated or not). */
+  connections: number;
+  /** Device publishes accepted (after ingest). */
+  messagesIn: number;
+  authFailures: number;
+  /** Connections cut for an oversized or malformed packet header. */
+  rejectedPackets: number;
+  /** Connections refused at the maxConnections cap. */
+  rejectedConnections: number;
+}
+
+export interface ConnectedDevice {
+  id: string;
+  connectedAt: number;
+  remoteAddress: string | null;
+}
+
+export interface Broker {
+  listen(): Promise<BoundListener[]>;
+  readonly listening: boolean;
+  /** Cloud → device: publish on a local topic (commands, desired state). */
+  publish(message: { topic: string; payload: Buffer; qos: 0 | 1 | 2; retain: boolean }): Promise<void>;
+  /**
+   * Live reload: new device list / ACLs / anonymous policy; disconnects devices that were
+   * removed or whose password hash / ACL changed; leaves others connected.
+   */
+  updateConfig(config: Config['broker']): void;
+  connectedDevices(): ConnectedDevice[];
+  readonly stats: BrokerStats;
+  /** Stops accepting, publishes the retained offline status, closes clients and aedes. */
+  close(): Promise<void>;
+}
+
+interface Session {
+  identity: Identity;
+  client: Client;
+  connectedAt: number;
+  remoteAddress: string | null;
+}
+
+/** What preConnect saw on the wire; aedes replaces an empty client id before authenticate. */
+interface ConnectFields {
+  clientId: string;
+  clean: boolean;
+  willTopic: string | null;
+}
+
+const DRAIN_TIMEOUT_MS = 30_000;
+const STATUS_PUBLISH_TIMEOUT_MS = 2_000;
+
+export function createBroker(options: BrokerOptions): Broker {
+  const { gatewayId, logger, activity } = options;
+  let config = options.config;
+  const statusTopic = `gateway/${gatewayId}/status`;
+  const auth = createDeviceAuthenticator({ config });
+  const sessions = new WeakMap<Client, Session>();
+  /** Connected (CONNACKed) clients by client id: connectedDevices() and wills without a client. */
+  const connected = new Map<string, Session>();
+  const connectFields = new WeakMap<Client, ConnectFields>();
+  const connections = new WeakMap<Duplex, ConnectionInfo>();
+  const aclCache = new Map<string, EffectiveAcl>();
+  const stats = { messagesIn: 0, authFailures: 0, rejectedPackets: 0, rejectedConnections: 0 };
+  const throttle = createActivityThrottle(activity, logger, options.activityWindowMs ?? 1000);
+  let listening = false;
+  let closing: Promise<void> | undefined;
+
+  const aclOf = (identity: Identity): EffectiveAcl => {
+    if (identity.kind === 'anonymous') return anonymousAcl(config);
+    let acl = aclCache.get(identity.id);
+    if (acl === undefined) {
+      const device = auth.device(identity.id);
+      acl = device ? deviceAcl(device, gatewayId) : EMPTY_ACL;
+      aclCache.set(identity.id, acl);
+    }
+    return acl;
+  };
+
+  const refuse = (returnCode: number, message: string): Error & { returnCode: number } =>
+    Object.assign(new Error(message), { returnCode });
+
+  const recordAuthFailure = (
+    clientId: string,
+    remoteAddress: string | null,
+    reason: AuthFailureReason | 'will_not_allowed',
+  ) => {
+    stats.authFailures++;
+    throttle.note(
+      'auth_failed',
+      remoteAddress,
+      { clientId, remoteAddress, reason },
+      'GW_ERR_AUTH_FAILED',
+      `connection refused: ${reason}`,
+    );
+  };
+
+  const aedes = new Aedes({
+    id: gatewayId,
+    connectTimeout: config.connectTimeout,
+    keepaliveLimit: Math.floor(config.keepaliveLimit / 1000),
+    maxTopicLevels: 100,
+    drainTimeout: DRAIN_TIMEOUT_MS,
+    concurrency: 1000,
+
+    preConnect(client, packet, callback) {
+      connectFields.set(client, {
+        clientId: typeof packet.clientId === 'string' ? packet.clientId : '',
+        clean: packet.clean !== false,
+        willTopic: packet.will ? String(packet.will.topic) : null,
+      });
+      callback(null, true);
+    },
+
+    authenticate(client, username, password, done) {
+      const fields = connectFields.get(client);
+      const info = connections.get(client.conn as Duplex);
+      const remoteAddress = info?.remoteAddress ?? null;
+      const clientId = fields?.clientId ?? '';
+      const attempt = {
+        clientId,
+        username: typeof username === 'string' ? username : undefined,
+        password: password === undefined || password === null ? undefined : Buffer.from(password),
+        clean: fields?.clean ?? true,
+        certIdentity: info?.certIdentity ?? null,
+      };
+      auth
+        .authenticate(attempt)
+        .then((result) => {
+          if (!result.ok) {
+            recordAuthFailure(clientId, remoteAddress, result.reason);
+            done(refuse(result.returnCode, result.reason) as never, false);
+            return;
+          }
+          // Anonymous clients without an id get aedes' generated one.
+          const identity: Identity =
+            result.identity.kind === 'anonymous' ? { ...result.identity, id: client.id } : result.identity;
+          // S10: a will is a publish on the client's behalf, checked now, not only when it fires.
+          if (fields?.willTopic != null && !canPublish(aclOf(identity), fields.willTopic)) {
+            recordAuthFailure(clientId, remoteAddress, 'will_not_allowed');
+            done(refuse(5, 'will_not_allowed') as never, false);
+            return;
+          }
+          sessions.set(client, { identity, client, connectedAt: Date.now(), remoteAddress });
+          done(null, true);
+        })
+        .catch((err: unknown) => {
+          logger.error({ err, clientId }, 'authenticate_failed');
+          done(refuse(3, 'server unavailable') as never, false);
+        });
+    },
+
+    authorizePublish(client, packet, callback) {
+      let called = false;
+      const done = (err: Error | null) => {
+        if (called) return;
+        called = true;
+        callback(err);
+      };
+      try {
+        const topic = packet.topic;
+        // Keeps aedes' own `$SYS/` guard (aedes #597) and closes every other `$` topic too.
+        if (topic.startsWith('$')) {
+          logger.warn({ clientId: client?.id ?? null, topic }, 'publish_denied');
+          return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+        }
+        // A will published after its client is gone arrives without a client (aedes _clearWills).
+        const willOwner = (packet as { clientId?: unknown }).clientId;
+        const session = client
+          ? sessions.get(client)
+          : typeof willOwner === 'string'
+            ? connected.get(willOwner)
+            : undefined;
+        if (!session || !canPublish(aclOf(session.identity), topic)) {
+          const remoteAddress = session?.remoteAddress ?? null;
+          logger.warn({ clientId: client?.id ?? null, topic }, 'publish_denied');
+          throttle.note(
+            'acl_denied',
+            remoteAddress,
+            { clientId: client?.id ?? null, remoteAddress, topic },
+            ErrorCodes.ACL_DENIED,
+            'publish outside the ACL refused',
+          );
+          return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+        }
+        const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
+        const pending = options.ingest({
+          deviceId: session.identity.id,
+          topic,
+          payload,
+          qos: packet.qos,
+          retain: packet.retain,
+        });
+        if (pending === null) {
+          stats.messagesIn++;
+          return done(null);
+        }
+        pending.then(
+          () => {
+            stats.messagesIn++;
+            done(null);
+          },
+          (err: unknown) => {
+            logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
+            done(err instanceof Error ? err : new Error(errorMessage(err)));
+          },
+        );
+      } catch (err) {
+        logger.error({ err, clientId: client?.id ?? null }, 'authorize_publish_failed');
+        done(err instanceof Error ? err : new Error(errorMessage(err)));
+      }
+    },
+
+    authorizeSubscribe(client, subscription, callback) {
+      let allowed = false;
+      try {
+        const session = sessions.get(client);
+        allowed = session !== undefined && canSubscribe(aclOf(session.identity), subscription.topic);
+        if (!allowed) logger.info({ clientId: client.id, filter: subscription.topic }, 'subscribe_denied');
+      } catch (err) {
+        logger.error({ err, clientId: client.id }, 'authorize_subscribe_failed');
+      }
+      // A null subscription is SUBACK 0x80 for this filter; an error would close the connection.
+      callback(null, allowed ? subscription : (null as unknown as Subscription));
+    },
+
+    authorizeForward(client, packet): AedesPublishPacket | null {
+      try {
+        const session = sessions.get(client);
+        return session !== undefined && canReceive(aclOf(session.identity), packet.topic) ? packet : null;
+      } catch (err) {
+        logger.error({ err, clientId: client.id }, 'authorize_forward_failed');
+        return null;
+      }
+    },
+  });
+
+  aedes.on('clientReady', (client) => {
+    const session = sessions.get(client);
+    if (!session) return;
+    session.connectedAt = Date.now();
+    connected.set(client.id, session);
+    logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
+  });
+  aedes.on('clientDisconnect', (client) => {
+    if (connected.get(client.id)?.client === client) connected.delete(client.id);
+    logger.info({ clientId: client.id }, 'device_disconnected');
+  });
+  aedes.on('clientError', (client, err) => {
+    logger.debug({ clientId: client.id, error: err.message }, 'client_error');
+  });
+  aedes.on('connectionError', (client, err) => {
+    const info = connections.get(client.conn as Duplex);
+    // Socket errors (ECONNRESET …) are the network's business; protocol errors are the client's.
+    if ((err as NodeJS.ErrnoException).code !== undefined) return;
+    const remoteAddress = info?.remoteAddress ?? null;
+    throttle.note(
+      'connection_rejected',
+      remoteAddress,
+      { remoteAddress, reason: err.message },
+      null,
+      err.message,
+    );
+  });
+  // aedes emits 'error' for persistence failures; without a listener that would crash the process.
+  (aedes as EventEmitter).on('error', (err: Error) => logger.error({ err }, 'broker_error'));
+
+  const listeners = createListeners({
+    listeners: config.listeners,
+    maxConnections: config.maxConnections,
+    maxPacketSize: config.maxPacketSize,
+    connectTimeout: config.connectTimeout,
+    logger,
+    onConnection(stream, info) {
+      connections.set(stream, info);
+      aedes.handle(stream);
+    },
+    onReject(rejection: ConnectionRejection) {
+      const tooLarge = rejection.reason !== 'max_connections';
+      if (tooLarge) stats.rejectedPackets++;
+      else stats.rejectedConnections++;
+      const { remoteAddress } = rejection;
+      throttle.note(
+        tooLarge ? 'packet_rejected' : 'connection_rejected',
+        remoteAddress,
+        {
+          remoteAddress,
+          reason: rejection.reason,
+          listener: rejection.listener,
+          declaredSize: rejection.declaredSize ?? null,
+        },
+        null,
+        tooLarge
+          ? `packet over broker.maxPacketSize (${config.maxPacketSize} bytes)`
+          : `broker.maxConnections (${config.maxConnections}) reached`,
+      );
+    },
+  });
+
+  const aedesPublish = (message: {
+    topic: string;
+    payload: Buffer;
+    qos: 0 | 1 | 2;
+    retain: boolean;
+  }): Promise<void> =>
+    new Promise((resolve, reject) => {
+      const packet: PublishPacket = {
+        cmd: 'publish',
+        topic: message.topic,
+        payload: message.payload,
+        qos: message.qos,
+        retain: message.retain,
+        dup: false,
+      };
+      aedes.publish(packet, (err) =>
+        err
+          ? reject(
+              new GatewayError(
+                ErrorCodes.BROKER_PUBLISH,
+                `cannot publish to ${message.topic}: ${err.message}`,
+                { cause: err },
+              ),
+            )
+          : resolve(),
+      );
+    });
+
+  const publishStatus = async (state: 'online' | 'offline'): Promise<void> => {
+    if (!options.retainedStatus) return;
+    let timer: NodeJS.Timeout | undefined;
+    // A frozen subscriber can hold a QoS 1 delivery until drainTimeout: do not let it hold startup or shutdown.
+    const timeout = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, STATUS_PUBLISH_TIMEOUT_MS);
+    });
+    try {
+      await Promise.race([
+        aedesPublish({ topic: statusTopic, payload: Buffer.from(state), qos: 1, retain: true }),
+        timeout,
+      ]);
+    } catch (err) {
+      logger.warn({ err, state }, 'status_publish_failed');
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+
+  const closeAedes = (): Promise<void> => new Promise((resolve) => aedes.close(() => resolve()));
+
+  return {
+    get listening() {
+      return listening;
+    },
+    get stats() {
+      return { connections: listeners.openConnections, ...stats };
+    },
+    async listen() {
+      if (closing)
+        throw new GatewayError(
+          ErrorCodes.LISTEN_FAILED,
+          'the broker was closed; create a new one to listen again',
+        );
+      if (listening) throw new GatewayError(ErrorCodes.LISTEN_FAILED, 'the broker is already listening');
+      await aedes.listen();
+      let bound: BoundListener[];
+      try {
+        bound = await listeners.listen();
+      } catch (err) {
+        await closeAedes();
+        throw err;
+      }
+      listening = true;
+      await publishStatus('online');
+      logger.info({ listeners: bound }, 'broker_listening');
+      return bound;
+    },
+    async publish(message) {
+      if (closing || !listening) {
+        throw new GatewayError(
+          ErrorCodes.BROKER_PUBLISH,
+          `cannot publish to ${message.topic}: the broker is not running`,
+          { retryable: true },
+        );
+      }
+      const { topic } = message;
+      if (
+        topic.length === 0 ||
+        topic.includes('+') ||
+        topic.includes('#') ||
+        topic.startsWith('$') ||
+        topic.includes('\u0000')
+      ) {
+        throw new GatewayError(
+          ErrorCodes.BROKER_PUBLISH,
+          `"${topic}" is not a topic devices may receive (empty, wildcard, NUL or $)`,
+        );
+      }
+      await aedesPublish(message);
+    },
+    updateConfig(next) {
+      const previous = config;
+      config = next;
+      auth.update(next);
+      aclCache.clear();
+      for (const session of [...connected.values()]) {
+        const reason = revocationReason(session.identity, previous, next, gatewayId);
+        if (reason === null) continue;
+        logger.info({ clientId: session.client.id, reason }, 'device_disconnected_by_config');
+        session.client.close();
+      }
+    },
+    connectedDevices() {
+      return [...connected.values()].map((s) => ({
+        id: s.client.id,
+        connectedAt: s.connectedAt,
+        remoteAddress: s.remoteAddress,
+      }));
+    },
+    close() {
+      closing ??= (async () => {
+        listeners.stopAccepting();
+        if (listening) await publishStatus('offline');
+        await closeAedes();
+        await listeners.close();
+        throttle.flush();
+        connected.clear();
+        listening = false;
+        logger.info('broker_closed');
+      })();
+      return closing;
+    },
+  };
+}
+
+interface ActivityThrottle {
+  /** Records a row now, or counts it into the next row for the same type and address. */
+  note(
+    activityType: string,
+    remoteAddress: string | null,
+    metadata: Record<string, unknown>,
+    errorCode: string | null,
+    errorMessage: string,
+  ): void;
+  /** Writes every pending count now (shutdown). */
+  flush(): void;
+}
+
+/**
+ * Floods (brute force, oversized packets, connection storms) must not become an activity-row
+ * flood: at most one row per second per type and remote address, carrying how many it stands for.
+ */
+function createActivityThrottle(activity: ActivityLog, logger: Logger, windowMs: number): ActivityThrottle {
+  interface Slot {
+    lastAt: number;
+    pending: number;
+    timer: NodeJS.Timeout | null;
+    row: ActivityEntry | null;
+  }
+  const slots = new Map<string, Slot>();
+  const MAX_SLOTS = 10_000;
+
+  const write = (row: ActivityEntry, count: number) => {
+    const entry = { ...row, metadata: { ...row.metadata, count } };
+    logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
+    activity.record(entry);
+  };
+
+  const flushSlot = (slot: Slot) => {
+    if (slot.timer) clearTimeout(slot.timer);
+    slot.timer = null;
+    if (slot.pending > 0 && slot.row) write(slot.row, slot.pending);
+    slot.pending = 0;
+    slot.lastAt = Date.now();
+  };
+
+  const sweep = (now: number) => {
+    for (const [key, slot] of slots)
+      if (slot.timer === null && now - slot.lastAt >= windowMs) slots.delete(key);
+  };
+
+  return {
+    note(activityType, remoteAddress, metadata, errorCode, errorMessage) {
+      const now = Date.now();
+      if (slots.size >= MAX_SLOTS) sweep(now);
+      // Past the cap (a spoofed-address storm), everything shares one slot per type.
+      const key = slots.size >= MAX_SLOTS ? `${activityType}|*` : `${activityType}|${remoteAddress ?? ''}`;
+      const row: ActivityEntry = {
+        activityType,
+        direction: 'incoming',
+        status: 'failed',
+        errorCode,
+        errorMessage,
+        metadata,
+      };
+      const slot = slots.get(key);
+      if (!slot || (slot.timer === null && now - slot.lastAt >= windowMs)) {
+        slots.set(key, { lastAt: now, pending: 0, timer: null, row: null });
+        write(row, 1);
+        return;
+      }
+      slot.pending++;
+      slot.row = row;
+      if (slot.timer === null) {
+        slot.timer = setTimeout(() => flushSlot(slot), Math.max(0, slot.lastAt + windowMs - now));
+        slot.timer.unref();
+      }
+    },
+    flush() {
+      for (const slot of slots.values()) flushSlot(slot);
+      slots.clear();
+    },
+  };
+}

@@ -1,0 +1,632 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { connect as netConnect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import mqtt, { type MqttClient } from 'mqtt';
+import mqttPacket, { type Packet } from 'mqtt-packet';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
+import { createBroker, type Broker } from '../../src/gateway/broker.js';
+import { createPacketSizeScanner } from '../../src/gateway/packet-limit.js';
+import { hashPassword } from '../../src/gateway/password-hash.js';
+import { createLogger } from '../../src/logger.js';
+import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
+import { openStore, type Store } from '../../src/store/database.js';
+import type { IncomingMessage } from '../../src/store/outbox-types.js';
+
+const GATEWAY_ID = 'gw-sec';
+const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
+let hashes: Record<string, string>;
+let root: string;
+const running: { close(): Promise<void> | void }[] = [];
+
+beforeAll(async () => {
+  hashes = {
+    'sensor-1': await hashPassword(PASSWORDS['sensor-1']),
+    'sensor-2': await hashPassword(PASSWORDS['sensor-2']),
+  };
+  root = mkdtempSync(join(tmpdir(), 'gw-broker-sec-'));
+});
+
+afterEach(async () => {
+  while (running.length > 0) await running.pop()!.close();
+});
+
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
+  return configSchema.parse({
+    gateway: { id: GATEWAY_ID, dataDir: root },
+    broker: {
+      listeners: [{ type: 'tcp', host: '127.0.0.1', port: 0 }],
+      devices: [
+        { id: 'sensor-1', passwordHash: hashes['sensor-1'] },
+        { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+      ],
+      ...broker,
+    },
+  }).broker;
+}
+
+interface Harness {
+  broker: Broker;
+  port: number;
+  ingested: IncomingMessage[];
+  activity: ActivityLog;
+  logLines: string[];
+}
+
+let storeCount = 0;
+async function startBroker(
+  options: { config?: Config['broker']; activityWindowMs?: number } = {},
+): Promise<Harness> {
+  const logLines: string[] = [];
+  const logger = createLogger({
+    level: 'debug',
+    gatewayId: GATEWAY_ID,
+    destination: { write: (line: string) => void logLines.push(line) },
+  });
+  const store: Store = openStore({
+    dataDir: join(root, `store-${storeCount++}`),
+    logger,
+    onCorrupt: 'refuse',
+    lock: false,
+  });
+  running.push({ close: () => store.close() });
+  const activity = createActivityLog({ db: store.db, gatewayId: GATEWAY_ID, logger });
+  const ingested: IncomingMessage[] = [];
+  const broker = createBroker({
+    config: options.config ?? brokerConfig(),
+    gatewayId: GATEWAY_ID,
+    retainedStatus: true,
+    logger,
+    activity,
+    activityWindowMs: options.activityWindowMs,
+    ingest: (m) => {
+      ingested.push(m);
+      return Promise.resolve();
+    },
+  });
+  running.push(broker);
+  const bound = await broker.listen();
+  return { broker, port: bound[0]!.port, ingested, activity, logLines };
+}
+
+async function device(port: number, id: keyof typeof PASSWORDS): Promise<MqttClient> {
+  const client = await mqtt.connectAsync(
+    `mqtt://127.0.0.1:${port}`,
+    { clientId: id, username: id, password: PASSWORDS[id], reconnectPeriod: 0, connectTimeout: 5000 },
+    false,
+  );
+  running.push({ close: () => void client.end(true) });
+  return client;
+}
+
+interface Raw {
+  socket: Socket;
+  packets: Packet[];
+  next(cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>;
+  send(packet: Packet): void;
+  write(bytes: Buffer): void;
+  closed: Promise<void>;
+  readonly isClosed: boolean;
+}
+
+function raw(port: number): Promise<Raw> {
+  return new Promise((resolve, reject) => {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    const parser = mqttPacket.parser({ protocolVersion: 4 });
+    const packets: Packet[] = [];
+    const waiters: (() => void)[] = [];
+    let isClosed = false;
+    parser.on('packet', (p: Packet) => {
+      packets.push(p);
+      for (const w of waiters.splice(0)) w();
+    });
+    parser.on('error', () => {});
+    socket.on('data', (d) => parser.parse(d));
+    socket.on('error', () => {});
+    const closed = new Promise<void>((r) =>
+      socket.once('close', () => {
+        isClosed = true;
+        r();
+      }),
+    );
+    running.push({ close: () => void socket.destroy() });
+    socket.once('connect', () =>
+      resolve({
+        socket,
+        packets,
+        closed,
+        get isClosed() {
+          return isClosed;
+        },
+        send: (p) => socket.write(mqttPacket.generate(p)),
+        write: (bytes) => socket.write(bytes),
+        next: (cmd, timeoutMs = 5000) =>
+          new Promise((res, rej) => {
+            let settled = false;
+            const timer = setTimeout(() => {
+              settled = true;
+              rej(new Error(`no ${cmd} within ${timeoutMs} ms`));
+            }, timeoutMs);
+            const check = () => {
+              if (settled) return;
+              const i = packets.findIndex((p) => p.cmd === cmd);
+              if (i >= 0) {
+                settled = true;
+                clearTimeout(timer);
+                res(packets.splice(i, 1)[0]!);
+              } else waiters.push(check);
+            };
+            check();
+          }),
+      }),
+    );
+    socket.once('error', reject);
+  });
+}
+
+function connectPacket(clientId: string, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
+  return {
+    cmd: 'connect',
+    protocolId: 'MQTT',
+    protocolVersion: 4,
+    clean: true,
+    clientId,
+    keepalive: 60,
+    ...extra,
+  };
+}
+
+function login(id: keyof typeof PASSWORDS, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
+  return connectPacket(id, { username: id, password: Buffer.from(PASSWORDS[id]), ...extra });
+}
+
+async function connackCode(port: number, packet: Packet): Promise<number> {
+  const c = await raw(port);
+  c.send(packet);
+  const connack = (await c.next('connack')) as mqttPacket.IConnackPacket;
+  return connack.returnCode ?? -1;
+}
+
+/** A device still works when a QoS 1 round trip succeeds on it. */
+async function stillServes(client: MqttClient, id: string): Promise<void> {
+  await client.publishAsync(`devices/${id}/telemetry`, 'alive', { qos: 1 });
+  expect(client.connected).toBe(true);
+}
+
+async function waitUntil(check: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** Bounds a wait so a regression fails fast instead of at the test timeout. */
+function within<T>(promise: Promise<T>, ms = 5000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`not settled within ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+function varint(n: number): Buffer {
+  const out: number[] = [];
+  do {
+    let byte = n % 128;
+    n = Math.floor(n / 128);
+    if (n > 0) byte |= 0x80;
+    out.push(byte);
+  } while (n > 0);
+  return Buffer.from(out);
+}
+
+describe('broker security: authentication', () => {
+  it('answers a wrong password with CONNACK 4, records it and never logs the password', async () => {
+    const { port, activity, logLines, broker } = await startBroker();
+    const code = await connackCode(
+      port,
+      connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from('hunter2-wrong') }),
+    );
+    expect(code).toBe(4);
+    const rows = activity.list({ activityType: 'auth_failed' });
+    expect(rows).toHaveLength(1);
+    expect(rows[0]).toMatchObject({ direction: 'incoming', status: 'failed' });
+    expect(rows[0]!.metadata).toMatchObject({
+      clientId: 'sensor-1',
+      remoteAddress: '127.0.0.1',
+      reason: 'bad_password',
+      count: 1,
+    });
+    expect(broker.stats.authFailures).toBe(1);
+    const warn = logLines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => l.msg === 'auth_failed');
+    expect(warn).toMatchObject({ level: 'warn', clientId: 'sensor-1', reason: 'bad_password' });
+    expect(logLines.join('\n')).not.toContain('hunter2-wrong');
+  });
+
+  it('answers an unknown device like a wrong password', async () => {
+    const { port, activity } = await startBroker();
+    expect(
+      await connackCode(port, connectPacket('ghost', { username: 'ghost', password: Buffer.from('x') })),
+    ).toBe(4);
+    expect(activity.list({ activityType: 'auth_failed' })[0]!.metadata).toMatchObject({
+      reason: 'unknown_device',
+    });
+  });
+
+  it('refuses anonymous clients unless allowAnonymous, and then grants only anonymousAcl', async () => {
+    const closed = await startBroker();
+    expect(await connackCode(closed.port, connectPacket('anon-1'))).toBe(5);
+
+    const open = await startBroker({
+      config: brokerConfig({
+        allowAnonymous: true,
+        anonymousAcl: { publish: ['public/#'], subscribe: ['public/#'] },
+      }),
+    });
+    const c = await raw(open.port);
+    c.send(connectPacket('anon-1'));
+    expect(await c.next('connack')).toMatchObject({ returnCode: 0 });
+    c.send({
+      cmd: 'subscribe',
+      messageId: 1,
+      subscriptions: [
+        { topic: 'public/x', qos: 1 },
+        { topic: 'devices/#', qos: 1 },
+      ],
+    });
+    expect(await c.next('suback')).toMatchObject({ granted: [1, 128] });
+    c.send({
+      cmd: 'publish',
+      topic: 'public/x',
+      payload: Buffer.from('hi'),
+      qos: 1,
+      messageId: 2,
+      retain: false,
+      dup: false,
+    });
+    await c.next('puback');
+    expect(open.ingested[0]).toMatchObject({ deviceId: 'anon-1', topic: 'public/x' });
+    c.send({
+      cmd: 'publish',
+      topic: 'devices/sensor-1/telemetry',
+      payload: Buffer.from('x'),
+      qos: 1,
+      messageId: 3,
+      retain: false,
+      dup: false,
+    });
+    await c.closed;
+    expect(open.ingested).toHaveLength(1);
+  });
+
+  it("refuses a client id that is not the username (CONNACK 2) and leaves the victim's session alone", async () => {
+    const { port, broker } = await startBroker();
+    const victim = await device(port, 'sensor-1');
+    let victimClosed = false;
+    victim.on('close', () => (victimClosed = true));
+    expect(
+      await connackCode(
+        port,
+        connectPacket('sensor-1', { username: 'sensor-2', password: Buffer.from(PASSWORDS['sensor-2']) }),
+      ),
+    ).toBe(2);
+    await stillServes(victim, 'sensor-1');
+    expect(victimClosed).toBe(false);
+    expect(broker.connectedDevices().map((d) => d.id)).toEqual(['sensor-1']);
+  });
+
+  it('refuses client ids and usernames with wildcards, slashes, $ or NUL, and empty ids with clean=false', async () => {
+    const { port } = await startBroker({ config: brokerConfig({ allowAnonymous: true }) });
+    for (const id of ['+', '#', 'a/b', '$SYS', 'a\u0000b', 'x'.repeat(300)]) {
+      expect(await connackCode(port, connectPacket(id)), id).toBe(2);
+    }
+    // mqtt-packet refuses to generate this one (MQTT-3.1.3-8), so the bytes are written by hand.
+    const emptyPersistent = await raw(port);
+    emptyPersistent.write(Buffer.from('100c00044d51545404' + '00' + '003c' + '0000', 'hex'));
+    expect(await emptyPersistent.next('connack')).toMatchObject({ returnCode: 2 });
+    expect(
+      await connackCode(
+        port,
+        connectPacket('sensor-1', { username: 'sensor+1', password: Buffer.from('x') }),
+      ),
+    ).toBe(4);
+    expect(await connackCode(port, connectPacket('sensor-1', { username: 'sensor-1' }))).toBe(4);
+  });
+
+  it('aggregates an auth failure flood into one row per second per address, with the count', async () => {
+    const { port, activity, broker } = await startBroker({ activityWindowMs: 300 });
+    for (let i = 0; i < 5; i++) {
+      expect(
+        await connackCode(
+          port,
+          connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(`wrong-${i}`) }),
+        ),
+      ).toBe(4);
+    }
+    await waitUntil(
+      () =>
+        activity.list({ activityType: 'auth_failed' }).reduce((n, r) => n + Number(r.metadata.count), 0) ===
+        5,
+    );
+    const rows = activity.list({ activityType: 'auth_failed' });
+    expect(rows.length).toBeLessThan(5);
+    expect(broker.stats.authFailures).toBe(5);
+  });
+});
+
+describe('broker security: topics', () => {
+  it('closes the connection on a publish to another device, without PUBACK or ingest', async () => {
+    const { port, ingested } = await startBroker();
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    c.send({
+      cmd: 'publish',
+      topic: 'devices/sensor-2/telemetry',
+      payload: Buffer.from('spoof'),
+      qos: 1,
+      messageId: 5,
+      retain: false,
+      dup: false,
+    });
+    await c.closed;
+    expect(c.packets.some((p) => p.cmd === 'puback')).toBe(false);
+    expect(ingested).toEqual([]);
+  });
+
+  it('answers SUBACK 0x80 for filters reaching beyond the ACL', async () => {
+    const { port } = await startBroker();
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    const filters = [
+      '#',
+      '+/#',
+      'devices/+/telemetry',
+      'devices/sensor-2/#',
+      '$SYS/#',
+      '$SYS/+/new/subscribes',
+      'devices/sensor-1/#',
+      'devices/sensor-1/x/+',
+    ];
+    c.send({
+      cmd: 'subscribe',
+      messageId: 1,
+      subscriptions: filters.map((topic) => ({ topic, qos: 1 as const })),
+    });
+    expect(await c.next('suback')).toMatchObject({ granted: [128, 128, 128, 128, 128, 128, 1, 1] });
+  });
+
+  it('never serves another device its retained messages', async () => {
+    const { port } = await startBroker({
+      config: brokerConfig({
+        devices: [
+          {
+            id: 'sensor-1',
+            passwordHash: hashes['sensor-1'],
+            acl: { publish: ['devices/sensor-1/#'], subscribe: ['devices/#'], deny: ['devices/sensor-2/#'] },
+          },
+          { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+        ],
+      }),
+    });
+    const owner = await device(port, 'sensor-2');
+    await owner.publishAsync('devices/sensor-2/state', 'private', { qos: 1, retain: true });
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    // `devices/#` is allowed but meets the deny list: refused as a whole (deny wins).
+    c.send({
+      cmd: 'subscribe',
+      messageId: 1,
+      subscriptions: [
+        { topic: 'devices/#', qos: 1 },
+        { topic: 'devices/sensor-1/#', qos: 1 },
+      ],
+    });
+    expect(await c.next('suback')).toMatchObject({ granted: [128, 1] });
+    await expect(c.next('publish', 300)).rejects.toThrow(/no publish/);
+  });
+
+  it('refuses a $SYS/<id>/new/clients publish naming a victim, and the victim stays', async () => {
+    const { port, ingested } = await startBroker();
+    const victim = await device(port, 'sensor-2');
+    let victimClosed = false;
+    victim.on('close', () => (victimClosed = true));
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    c.send({
+      cmd: 'publish',
+      topic: '$SYS/other-broker/new/clients',
+      payload: Buffer.from('sensor-2'),
+      qos: 0,
+      retain: false,
+      dup: false,
+    });
+    await c.closed;
+    await stillServes(victim, 'sensor-2');
+    expect(victimClosed).toBe(false);
+    expect(ingested.map((m) => m.topic)).toEqual(['devices/sensor-2/telemetry']);
+  });
+
+  it('refuses a will on a foreign or $ topic at CONNECT, and publishes an allowed will through ingest', async () => {
+    const { port, ingested, activity } = await startBroker();
+    const will = (topic: string) => ({ topic, payload: Buffer.from('gone'), qos: 1 as const, retain: false });
+    expect(await connackCode(port, login('sensor-1', { will: will('devices/sensor-2/status') }))).toBe(5);
+    expect(await connackCode(port, login('sensor-1', { will: will('$SYS/x/new/clients') }))).toBe(5);
+    expect(activity.list({ activityType: 'auth_failed' }).map((r) => r.metadata.reason)).toContain(
+      'will_not_allowed',
+    );
+
+    const c = await raw(port);
+    c.send(login('sensor-1', { will: will('devices/sensor-1/status') }));
+    expect(await c.next('connack')).toMatchObject({ returnCode: 0 });
+    c.socket.destroy();
+    await waitUntil(() => ingested.length === 1);
+    expect(ingested[0]).toMatchObject({ deviceId: 'sensor-1', topic: 'devices/sensor-1/status' });
+  });
+});
+
+describe('broker security: packets', () => {
+  it('closes the socket on a PUBLISH declaring 10 MiB as soon as the header arrives', async () => {
+    const { port, broker, activity, ingested } = await startBroker();
+    const other = await device(port, 'sensor-2');
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    // Only the fixed header: the broker must not wait for a body it will never buffer.
+    c.write(Buffer.concat([Buffer.from([0x32]), varint(10 * 1024 * 1024)]));
+    await within(c.closed);
+    expect(broker.stats.rejectedPackets).toBe(1);
+    expect(activity.list({ activityType: 'packet_rejected' })[0]!.metadata).toMatchObject({
+      reason: 'packet_too_large',
+      remoteAddress: '127.0.0.1',
+    });
+    expect(ingested).toEqual([]);
+    await stillServes(other, 'sensor-2');
+  });
+
+  it('cuts a 10 MiB PUBLISH stream long before it is all sent, keeping memory flat', async () => {
+    const { port, ingested } = await startBroker();
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    const total = 10 * 1024 * 1024;
+    const topic = Buffer.from('devices/sensor-1/telemetry');
+    const header = Buffer.concat([Buffer.from([0x30]), varint(total), Buffer.from([0, topic.length]), topic]);
+    const before = process.memoryUsage().arrayBuffers;
+    const chunk = Buffer.alloc(64 * 1024, 0x61);
+    let sent = header.length;
+    c.write(header);
+    // Bounded loop: writes at most the declared size, stops when the broker hangs up.
+    while (sent < total && !c.isClosed) {
+      const ok = c.socket.write(chunk);
+      sent += chunk.length;
+      if (!ok) await Promise.race([new Promise((r) => c.socket.once('drain', r)), c.closed]);
+    }
+    await c.closed;
+    // Kernel buffers take a few MiB at most: the broker stopped reading at the header.
+    expect(sent).toBeLessThan(total);
+    expect(ingested).toEqual([]);
+    expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(total);
+  });
+
+  it('follows fixed headers split across chunks', async () => {
+    const { port, broker } = await startBroker();
+    const ok = await raw(port);
+    for (const byte of mqttPacket.generate(login('sensor-1'))) {
+      ok.write(Buffer.from([byte]));
+      await new Promise((r) => setImmediate(r));
+    }
+    expect(await ok.next('connack')).toMatchObject({ returnCode: 0 });
+
+    // An oversized PUBLISH header, one byte per TCP segment, after a valid CONNECT.
+    const big = await raw(port);
+    big.send(login('sensor-2'));
+    await big.next('connack');
+    for (const byte of Buffer.concat([Buffer.from([0x30]), varint(5 * 1024 * 1024)])) {
+      if (big.isClosed) break;
+      big.write(Buffer.from([byte]));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await within(big.closed);
+    expect(broker.stats.rejectedPackets).toBe(1);
+  });
+
+  it('survives a 201-level topic, a __proto__ client id and the aedes #612 CONNECT bytes', async () => {
+    const { port } = await startBroker({
+      config: brokerConfig({ allowAnonymous: true, anonymousAcl: { publish: ['#'], subscribe: ['#'] } }),
+    });
+    const deep = Array.from({ length: 201 }, (_, i) => `l${i}`).join('/');
+
+    const pub = await raw(port);
+    pub.send(connectPacket('deep-pub'));
+    await pub.next('connack');
+    pub.send({
+      cmd: 'publish',
+      topic: deep,
+      payload: Buffer.from('x'),
+      qos: 1,
+      messageId: 1,
+      retain: false,
+      dup: false,
+    });
+    await pub.closed;
+
+    const sub = await raw(port);
+    sub.send(connectPacket('deep-sub'));
+    await sub.next('connack');
+    sub.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: deep, qos: 0 }] });
+    await Promise.race([sub.closed, sub.next('suback')]);
+
+    expect(
+      await connackCode(
+        port,
+        connectPacket('deep-will', {
+          will: { topic: deep, payload: Buffer.from('x'), qos: 0, retain: false },
+        }),
+      ),
+    ).not.toBe(0);
+
+    const proto = await raw(port);
+    proto.send(connectPacket('__proto__'));
+    await Promise.race([proto.closed, proto.next('connack')]);
+    proto.socket.destroy();
+
+    const fuzz = await raw(port);
+    fuzz.write(Buffer.from('101000044d5154540502003c0321001400006202d301e0020020', 'hex'));
+    await Promise.race([fuzz.closed, fuzz.next('connack').catch(() => undefined)]);
+    fuzz.socket.destroy();
+
+    // The broker is alive and serving.
+    const fine = await device(port, 'sensor-1');
+    await stillServes(fine, 'sensor-1');
+  });
+});
+
+describe('packet size scanner', () => {
+  const header = (type: number, length: number) => Buffer.concat([Buffer.from([type << 4]), varint(length)]);
+
+  it('accepts packets up to the limit and rejects the first byte over it', () => {
+    const limit = 1000;
+    const atLimit = Buffer.concat([header(3, 997), Buffer.alloc(997)]);
+    expect(atLimit.length).toBe(1000);
+    expect(createPacketSizeScanner(limit).push(atLimit)).toBeNull();
+    expect(createPacketSizeScanner(limit).push(header(3, 998))).toMatchObject({
+      reason: 'packet_too_large',
+      declaredSize: 1001,
+      packetType: 3,
+    });
+  });
+
+  it('tracks bodies and headers across arbitrary chunk boundaries', () => {
+    const stream = Buffer.concat([
+      header(12, 0),
+      header(3, 300),
+      Buffer.alloc(300),
+      header(8, 10),
+      Buffer.alloc(10),
+      header(3, 2_000_000),
+    ]);
+    for (const size of [1, 2, 3, 7, 128, stream.length]) {
+      const scanner = createPacketSizeScanner(1024);
+      let result = null;
+      for (let i = 0; i < stream.length && result === null; i += size)
+        result = scanner.push(stream.subarray(i, i + size));
+      expect(result, `chunk size ${size}`).toMatchObject({ reason: 'packet_too_large', packetType: 3 });
+    }
+  });
+
+  it('rejects a remaining length longer than four bytes', () => {
+    expect(
+      createPacketSizeScanner(1 << 30).push(Buffer.from([0x30, 0xff, 0xff, 0xff, 0xff, 0x01])),
+    ).toMatchObject({ reason: 'malformed_length' });
+  });
+});

@@ -1,0 +1,510 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import mqtt, { type MqttClient } from 'mqtt';
+import mqttPacket, { type Packet } from 'mqtt-packet';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
+import { ErrorCodes, GatewayError } from '../../src/errors.js';
+import { createBroker, type Broker } from '../../src/gateway/broker.js';
+import { hashPassword } from '../../src/gateway/password-hash.js';
+import { createLogger } from '../../src/logger.js';
+import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
+import { openStore, type Store } from '../../src/store/database.js';
+import type { IncomingMessage } from '../../src/store/outbox-types.js';
+import { createTestPki, type TestPki } from '../helpers/certs.js';
+
+const GATEWAY_ID = 'gw-test';
+const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
+let hashes: Record<string, string>;
+let dataDir: string;
+let store: Store;
+let activity: ActivityLog;
+const running: { close(): Promise<void> | void }[] = [];
+
+beforeAll(async () => {
+  hashes = {
+    'sensor-1': await hashPassword(PASSWORDS['sensor-1']),
+    'sensor-2': await hashPassword(PASSWORDS['sensor-2']),
+  };
+  dataDir = mkdtempSync(join(tmpdir(), 'gw-broker-'));
+  const logger = createLogger({ level: 'silent', gatewayId: GATEWAY_ID });
+  store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: false });
+  activity = createActivityLog({ db: store.db, gatewayId: GATEWAY_ID, logger });
+});
+
+afterEach(async () => {
+  while (running.length > 0) await running.pop()!.close();
+});
+
+afterAll(() => {
+  store.close();
+  rmSync(dataDir, { recursive: true, force: true });
+});
+
+function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
+  return configSchema.parse({
+    gateway: { id: GATEWAY_ID, dataDir },
+    broker: {
+      listeners: [{ type: 'tcp', host: '127.0.0.1', port: 0 }],
+      devices: [
+        { id: 'sensor-1', passwordHash: hashes['sensor-1'] },
+        { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+      ],
+      ...broker,
+    },
+  }).broker;
+}
+
+interface Harness {
+  broker: Broker;
+  port: number;
+  ports: number[];
+  ingested: IncomingMessage[];
+}
+
+async function startBroker(
+  options: {
+    config?: Config['broker'];
+    ingest?: (m: IncomingMessage) => Promise<void> | null;
+    retainedStatus?: boolean;
+  } = {},
+): Promise<Harness> {
+  const ingested: IncomingMessage[] = [];
+  const broker = createBroker({
+    config: options.config ?? brokerConfig(),
+    gatewayId: GATEWAY_ID,
+    retainedStatus: options.retainedStatus ?? true,
+    logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
+    activity,
+    ingest: (m) => {
+      ingested.push(m);
+      return options.ingest ? options.ingest(m) : Promise.resolve();
+    },
+  });
+  running.push(broker);
+  const bound = await broker.listen();
+  return { broker, port: bound[0]!.port, ports: bound.map((b) => b.port), ingested };
+}
+
+async function device(url: string, id: string, extra: mqtt.IClientOptions = {}): Promise<MqttClient> {
+  const client = await mqtt.connectAsync(url, {
+    clientId: id,
+    username: id,
+    password: PASSWORDS[id as keyof typeof PASSWORDS],
+    reconnectPeriod: 0,
+    connectTimeout: 5000,
+    protocolVersion: 4,
+    ...extra,
+  });
+  running.push({ close: () => void client.end(true) });
+  return client;
+}
+
+/** A raw MQTT connection for byte-level assertions. */
+interface Raw {
+  socket: Socket;
+  packets: Packet[];
+  next(cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>;
+  send(packet: Packet): void;
+  closed: Promise<void>;
+}
+
+function raw(port: number): Promise<Raw> {
+  return new Promise((resolve, reject) => {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    const parser = mqttPacket.parser({ protocolVersion: 4 });
+    const packets: Packet[] = [];
+    const waiters: (() => void)[] = [];
+    parser.on('packet', (p: Packet) => {
+      packets.push(p);
+      for (const w of waiters.splice(0)) w();
+    });
+    socket.on('data', (d) => parser.parse(d));
+    socket.on('error', () => {});
+    const closed = new Promise<void>((r) => socket.once('close', () => r()));
+    running.push({ close: () => void socket.destroy() });
+    socket.once('connect', () =>
+      resolve({
+        socket,
+        packets,
+        closed,
+        send: (p) => socket.write(mqttPacket.generate(p)),
+        next: (cmd, timeoutMs = 5000) =>
+          new Promise((res, rej) => {
+            let settled = false;
+            const timer = setTimeout(() => {
+              settled = true;
+              rej(new Error(`no ${cmd} within ${timeoutMs} ms`));
+            }, timeoutMs);
+            const check = () => {
+              if (settled) return;
+              const i = packets.findIndex((p) => p.cmd === cmd);
+              if (i >= 0) {
+                settled = true;
+                clearTimeout(timer);
+                res(packets.splice(i, 1)[0]!);
+              } else waiters.push(check);
+            };
+            check();
+          }),
+      }),
+    );
+    socket.once('error', reject);
+  });
+}
+
+function connectPacket(clientId: string, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
+  return {
+    cmd: 'connect',
+    protocolId: 'MQTT',
+    protocolVersion: 4,
+    clean: true,
+    clientId,
+    keepalive: 60,
+    ...extra,
+  };
+}
+
+function deferred<T = void>() {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+async function waitUntil(check: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+describe('broker', () => {
+  it('accepts a device with the right password and lists it as connected', async () => {
+    const { broker, port } = await startBroker();
+    const client = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    expect(client.connected).toBe(true);
+    await waitUntil(() => broker.connectedDevices().length === 1);
+    expect(broker.connectedDevices()[0]).toMatchObject({ id: 'sensor-1', remoteAddress: '127.0.0.1' });
+    expect(broker.stats.connections).toBe(1);
+    await client.endAsync();
+    await waitUntil(() => broker.connectedDevices().length === 0);
+  });
+
+  it('passes device publishes to ingest with the device id', async () => {
+    const { broker, port, ingested } = await startBroker();
+    const client = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    await client.publishAsync('devices/sensor-1/telemetry', '{"t":21}', { qos: 1 });
+    expect(ingested).toHaveLength(1);
+    expect(ingested[0]).toMatchObject({
+      deviceId: 'sensor-1',
+      topic: 'devices/sensor-1/telemetry',
+      qos: 1,
+      retain: false,
+    });
+    expect(ingested[0]!.payload.toString()).toBe('{"t":21}');
+    expect(broker.stats.messagesIn).toBe(1);
+  });
+
+  it('sends the QoS 1 PUBACK only after the ingest promise resolves', async () => {
+    const commit = deferred();
+    const { port, ingested } = await startBroker({ ingest: () => commit.promise });
+    const c = await raw(port);
+    c.send(connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(PASSWORDS['sensor-1']) }));
+    expect(await c.next('connack')).toMatchObject({ returnCode: 0 });
+    c.send({
+      cmd: 'publish',
+      topic: 'devices/sensor-1/telemetry',
+      payload: Buffer.from('x'),
+      qos: 1,
+      messageId: 7,
+      retain: false,
+      dup: false,
+    });
+    await waitUntil(() => ingested.length === 1);
+    // The commit is pending: no PUBACK may have left the broker.
+    await expect(c.next('puback', 300)).rejects.toThrow(/no puback/);
+    commit.resolve();
+    expect(await c.next('puback')).toMatchObject({ messageId: 7 });
+  });
+
+  it('sends the QoS 2 PUBREC only after the ingest promise resolves', async () => {
+    const commit = deferred();
+    const { port, ingested } = await startBroker({ ingest: () => commit.promise });
+    const c = await raw(port);
+    c.send(connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(PASSWORDS['sensor-1']) }));
+    await c.next('connack');
+    c.send({
+      cmd: 'publish',
+      topic: 'devices/sensor-1/state',
+      payload: Buffer.from('{}'),
+      qos: 2,
+      messageId: 9,
+      retain: false,
+      dup: false,
+    });
+    await waitUntil(() => ingested.length === 1);
+    await expect(c.next('pubrec', 300)).rejects.toThrow(/no pubrec/);
+    commit.resolve();
+    expect(await c.next('pubrec')).toMatchObject({ messageId: 9 });
+  });
+
+  it('closes the connection without PUBACK when ingest rejects', async () => {
+    const { broker, port } = await startBroker({
+      ingest: () => Promise.reject(new GatewayError(ErrorCodes.STORE_WRITE, 'disk full')),
+    });
+    const c = await raw(port);
+    c.send(connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(PASSWORDS['sensor-1']) }));
+    await c.next('connack');
+    c.send({
+      cmd: 'publish',
+      topic: 'devices/sensor-1/telemetry',
+      payload: Buffer.from('x'),
+      qos: 1,
+      messageId: 3,
+      retain: false,
+      dup: false,
+    });
+    await c.closed;
+    expect(c.packets.some((p) => p.cmd === 'puback')).toBe(false);
+    expect(broker.stats.messagesIn).toBe(0);
+  });
+
+  it('delivers cloud → device publishes and the retained gateway status', async () => {
+    const { broker, port } = await startBroker();
+    const client = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    const received: { topic: string; payload: string; retain: boolean }[] = [];
+    client.on('message', (topic, payload, packet) =>
+      received.push({ topic, payload: payload.toString(), retain: packet.retain }),
+    );
+    const granted = await client.subscribeAsync(
+      ['devices/sensor-1/commands/+', `gateway/${GATEWAY_ID}/status`],
+      { qos: 1 },
+    );
+    expect(granted.map((g) => g.qos)).toEqual([1, 1]);
+    await waitUntil(() => received.some((m) => m.topic === `gateway/${GATEWAY_ID}/status`));
+    expect(received.find((m) => m.topic === `gateway/${GATEWAY_ID}/status`)).toMatchObject({
+      payload: 'online',
+      retain: true,
+    });
+
+    await broker.publish({
+      topic: 'devices/sensor-1/commands/reboot',
+      payload: Buffer.from('{"requestId":"r1"}'),
+      qos: 1,
+      retain: false,
+    });
+    await waitUntil(() => received.some((m) => m.topic === 'devices/sensor-1/commands/reboot'));
+
+    await broker.close();
+    await waitUntil(() => received.some((m) => m.payload === 'offline'));
+  });
+
+  it('refuses publishes on wildcard and $ topics from the cloud side', async () => {
+    const { broker } = await startBroker();
+    await expect(
+      broker.publish({ topic: 'devices/+/x', payload: Buffer.alloc(0), qos: 0, retain: false }),
+    ).rejects.toMatchObject({
+      code: ErrorCodes.BROKER_PUBLISH,
+    });
+    await expect(
+      broker.publish({ topic: '$SYS/x', payload: Buffer.alloc(0), qos: 0, retain: false }),
+    ).rejects.toMatchObject({
+      code: ErrorCodes.BROKER_PUBLISH,
+    });
+  });
+
+  it('serves MQTT over WebSocket on the configured path', async () => {
+    const config = brokerConfig({ listeners: [{ type: 'ws', host: '127.0.0.1', port: 0, path: '/mqtt' }] });
+    const { port, ingested } = await startBroker({ config });
+    const client = await device(`ws://127.0.0.1:${port}/mqtt`, 'sensor-1');
+    await client.publishAsync('devices/sensor-1/telemetry', 'ws', { qos: 1 });
+    expect(ingested.map((m) => m.payload.toString())).toEqual(['ws']);
+  });
+
+  describe('TLS', () => {
+    let pki: TestPki;
+    beforeAll(() => {
+      pki = createTestPki();
+    });
+    afterAll(() => pki.cleanup());
+
+    const tlsConfig = () =>
+      brokerConfig({
+        listeners: [
+          {
+            type: 'tls',
+            host: '127.0.0.1',
+            port: 0,
+            cert: pki.serverCert,
+            key: pki.serverKey,
+            ca: pki.caCert,
+            requireClientCert: true,
+          },
+        ],
+        devices: [{ id: 'sensor-1', passwordHash: hashes['sensor-1'] }, { id: 'cert-device' }],
+      });
+
+    it('takes the identity from the client certificate CN', async () => {
+      const { broker, port, ingested } = await startBroker({ config: tlsConfig() });
+      const { cert, key } = pki.issueClient('cert-device');
+      const client = await mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, {
+        clientId: 'cert-device',
+        ca: pki.ca,
+        cert,
+        key,
+        reconnectPeriod: 0,
+        connectTimeout: 5000,
+      });
+      running.push({ close: () => void client.end(true) });
+      await client.publishAsync('devices/cert-device/telemetry', 'tls', { qos: 1 });
+      expect(ingested[0]).toMatchObject({ deviceId: 'cert-device', topic: 'devices/cert-device/telemetry' });
+      expect(broker.connectedDevices().map((d) => d.id)).toEqual(['cert-device']);
+    });
+
+    it('refuses a certificate whose CN does not match the client id, and one from another CA', async () => {
+      const { broker, port } = await startBroker({ config: tlsConfig() });
+      const good = pki.issueClient('cert-device');
+      await expect(
+        mqtt.connectAsync(
+          `mqtts://127.0.0.1:${port}`,
+          { clientId: 'sensor-1', ca: pki.ca, ...good, reconnectPeriod: 0, connectTimeout: 5000 },
+          false,
+        ),
+      ).rejects.toMatchObject({ code: 2 });
+
+      const foreign = pki.issueClient('cert-device', { signedByOtherCa: true });
+      await expect(
+        mqtt.connectAsync(
+          `mqtts://127.0.0.1:${port}`,
+          { clientId: 'cert-device', ca: pki.ca, ...foreign, reconnectPeriod: 0, connectTimeout: 3000 },
+          false,
+        ),
+      ).rejects.toThrow();
+      expect(broker.connectedDevices()).toEqual([]);
+    });
+  });
+
+  describe('listen errors', () => {
+    let blocker: Server;
+    afterEach(() => new Promise<void>((r) => (blocker ? blocker.close(() => r()) : r())));
+
+    it('names the port and the config path when the port is taken', async () => {
+      blocker = createServer();
+      await new Promise<void>((r) => blocker.listen({ host: '127.0.0.1', port: 0 }, () => r()));
+      const taken = (blocker.address() as { port: number }).port;
+      const config = brokerConfig({
+        listeners: [
+          { type: 'tcp', host: '127.0.0.1', port: 0 },
+          { type: 'tcp', host: '127.0.0.1', port: taken },
+        ],
+      });
+      const broker = createBroker({
+        config,
+        gatewayId: GATEWAY_ID,
+        retainedStatus: true,
+        logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
+        activity,
+        ingest: () => null,
+      });
+      running.push(broker);
+      const err = await broker.listen().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(GatewayError);
+      expect((err as GatewayError).code).toBe(ErrorCodes.LISTEN_IN_USE);
+      expect((err as GatewayError).message).toBe(
+        `port ${taken} on 127.0.0.1 is already in use (broker.listeners[1].port); stop the other program or change broker.listeners[1].port`,
+      );
+      expect(broker.listening).toBe(false);
+    });
+
+    it('reports port 1883 held by Mosquitto the same way', async () => {
+      const broker = createBroker({
+        config: brokerConfig({ listeners: [{ type: 'tcp', host: '127.0.0.1', port: 1883 }] }),
+        gatewayId: GATEWAY_ID,
+        retainedStatus: false,
+        logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
+        activity,
+        ingest: () => null,
+      });
+      running.push(broker);
+      await expect(broker.listen()).rejects.toMatchObject({
+        code: ErrorCodes.LISTEN_IN_USE,
+        message:
+          'port 1883 on 127.0.0.1 is already in use (broker.listeners[0].port); stop the other program or change broker.listeners[0].port',
+      });
+    });
+  });
+
+  it('caps concurrent sockets across listeners', async () => {
+    const config = brokerConfig({
+      maxConnections: 2,
+      listeners: [
+        { type: 'tcp', host: '127.0.0.1', port: 0 },
+        { type: 'tcp', host: '127.0.0.1', port: 0 },
+      ],
+    });
+    const { broker, ports } = await startBroker({ config });
+    const a = await raw(ports[0]!);
+    const b = await raw(ports[1]!);
+    await waitUntil(() => broker.stats.connections === 2);
+    const c = await raw(ports[1]!);
+    await c.closed;
+    expect(broker.stats.rejectedConnections).toBe(1);
+    // The admitted ones still work.
+    a.send(connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(PASSWORDS['sensor-1']) }));
+    expect(await a.next('connack')).toMatchObject({ returnCode: 0 });
+    b.socket.destroy();
+    await waitUntil(() => broker.stats.connections === 1);
+    const d = await raw(ports[0]!);
+    d.send(connectPacket('sensor-2', { username: 'sensor-2', password: Buffer.from(PASSWORDS['sensor-2']) }));
+    expect(await d.next('connack')).toMatchObject({ returnCode: 0 });
+  });
+
+  it('disconnects a removed device on updateConfig and keeps the others', async () => {
+    const { broker, port } = await startBroker();
+    const one = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    const two = await device(`mqtt://127.0.0.1:${port}`, 'sensor-2');
+    const oneClosed = new Promise<void>((r) => one.once('close', () => r()));
+    let twoClosed = false;
+    two.on('close', () => (twoClosed = true));
+
+    broker.updateConfig(brokerConfig({ devices: [{ id: 'sensor-2', passwordHash: hashes['sensor-2'] }] }));
+    await oneClosed;
+    await two.publishAsync('devices/sensor-2/telemetry', 'still here', { qos: 1 });
+    expect(twoClosed).toBe(false);
+    expect(broker.connectedDevices().map((d) => d.id)).toEqual(['sensor-2']);
+    await expect(device(`mqtt://127.0.0.1:${port}`, 'sensor-1')).rejects.toMatchObject({ code: 4 });
+  });
+
+  it('disconnects a device whose ACL changed on updateConfig', async () => {
+    const { broker, port } = await startBroker();
+    const one = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    const two = await device(`mqtt://127.0.0.1:${port}`, 'sensor-2');
+    const oneClosed = new Promise<void>((r) => one.once('close', () => r()));
+    broker.updateConfig(
+      brokerConfig({
+        devices: [
+          {
+            id: 'sensor-1',
+            passwordHash: hashes['sensor-1'],
+            acl: { publish: ['devices/sensor-1/telemetry'], subscribe: [] },
+          },
+          { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+        ],
+      }),
+    );
+    await oneClosed;
+    expect(two.connected).toBe(true);
+    // The new ACL applies to the reconnected device.
+    const again = await device(`mqtt://127.0.0.1:${port}`, 'sensor-1');
+    await expect(again.subscribeAsync('devices/sensor-1/commands/#')).rejects.toMatchObject({
+      packet: { granted: [128] },
+    });
+  });
+});

@@ -1,0 +1,107 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export interface TestPki {
+  dir: string;
+  /** Paths of PEM files. */
+  caCert: string;
+  serverCert: string;
+  serverKey: string;
+  /** Issues a client certificate with this CN, signed by the test CA (or by `otherCa`). */
+  issueClient(cn: string, options?: { signedByOtherCa?: boolean }): { cert: Buffer; key: Buffer };
+  readonly ca: Buffer;
+  cleanup(): void;
+}
+
+/**
+ * A throwaway PKI made with the `openssl` command: a CA, a server certificate for
+ * localhost / 127.0.0.1, client certificates on demand, and a second unrelated CA.
+ */
+export function createTestPki(): TestPki {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-pki-'));
+  const p = (name: string) => join(dir, name);
+  const openssl = (...args: string[]) =>
+    execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+
+  const makeCa = (name: string, cn: string) => {
+    openssl(
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-days',
+      '2',
+      '-subj',
+      `/CN=${cn}`,
+      '-keyout',
+      p(`${name}.key`),
+      '-out',
+      p(`${name}.crt`),
+    );
+  };
+  makeCa('ca', 'gw-test-ca');
+  makeCa('other-ca', 'gw-other-ca');
+
+  let serial = 1;
+  const issue = (name: string, cn: string, ca: string, ext: string) => {
+    openssl(
+      'req',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-subj',
+      `/CN=${cn}`,
+      '-keyout',
+      p(`${name}.key`),
+      '-out',
+      p(`${name}.csr`),
+    );
+    writeFileSync(p(`${name}.ext`), ext);
+    openssl(
+      'x509',
+      '-req',
+      '-in',
+      p(`${name}.csr`),
+      '-CA',
+      p(`${ca}.crt`),
+      '-CAkey',
+      p(`${ca}.key`),
+      '-set_serial',
+      String(serial++),
+      '-days',
+      '2',
+      '-extfile',
+      p(`${name}.ext`),
+      '-out',
+      p(`${name}.crt`),
+    );
+  };
+  issue(
+    'server',
+    'localhost',
+    'ca',
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
+  );
+
+  let clients = 0;
+  return {
+    dir,
+    caCert: p('ca.crt'),
+    serverCert: p('server.crt'),
+    serverKey: p('server.key'),
+    get ca() {
+      return readFileSync(p('ca.crt'));
+    },
+    issueClient(cn, options = {}) {
+      const name = `client-${clients++}`;
+      issue(name, cn, options.signedByOtherCa ? 'other-ca' : 'ca', 'extendedKeyUsage=clientAuth\n');
+      return { cert: readFileSync(p(`${name}.crt`)), key: readFileSync(p(`${name}.key`)) };
+    },
+    cleanup() {
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
