@@ -1,0 +1,76 @@
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, writeFileSync, openSync, writeSync, closeSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { describe, expect, it } from 'vitest';
+import { openStore, STORE_FILE } from '../../src/store/database.js';
+
+const logger = pino({ level: 'silent' });
+const tempDir = () => mkdtempSync(join(tmpdir(), 'gw-db-'));
+
+describe('local store', () => {
+  it('runs WAL with synchronous=FULL, files 0600, and migrates forward', () => {
+    const dataDir = tempDir();
+    const store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
+    expect(store.db.pragma('journal_mode', { simple: true })).toBe('wal');
+    expect(store.db.pragma('synchronous', { simple: true })).toBe(2);
+    expect(store.db.pragma('user_version', { simple: true })).toBeGreaterThanOrEqual(1);
+    expect(statSync(store.file).mode & 0o777).toBe(0o600);
+    store.close();
+    // Reopening is a no-op migration.
+    openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true }).close();
+  });
+
+  it('refuses a second daemon on the same dataDir, and takes over a stale lock', async () => {
+    const dataDir = tempDir();
+    const first = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
+    // The lock holder must be another live process for the check to mean anything: write its pid.
+    const holder = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 20000)']);
+    first.close();
+    writeFileSync(join(dataDir, 'gateway.lock'), String(holder.pid));
+    expect(() => openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true })).toThrow(
+      /another iot-gateway \(pid \d+\) is running on .*; stop it first/,
+    );
+    holder.kill('SIGKILL');
+    await new Promise((r) => holder.once('exit', r));
+    // The holder died without cleaning up (kill -9): its lock is stale and is taken over.
+    const again = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
+    again.close();
+    expect(existsSync(join(dataDir, 'gateway.lock'))).toBe(false);
+  });
+
+  it('refuses a corrupt file by default and keeps it untouched', () => {
+    const dataDir = tempDir();
+    writeFileSync(join(dataDir, STORE_FILE), Buffer.alloc(8192, 0x41));
+    expect(() => openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true })).toThrow(
+      /is corrupt .*move it and its -wal\/-shm files aside .* or set gateway.onCorruptStore: quarantine/,
+    );
+    expect(readdirSync(dataDir)).toContain(STORE_FILE);
+    expect(existsSync(join(dataDir, 'gateway.lock'))).toBe(false); // the lock is released on failure
+  });
+
+  it('quarantines a corrupt file when configured and reports where it went', () => {
+    const dataDir = tempDir();
+    const store0 = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
+    store0.db.prepare("INSERT INTO queue_messages (integration_id, device_id, topic, payload, qos, enqueued_at) VALUES ('i', 'd', 't', x'00', 1, 0)").run();
+    store0.close();
+    // Overwrite page 2 onward: the header survives, the b-trees do not.
+    const fd = openSync(join(dataDir, STORE_FILE), 'r+');
+    writeSync(fd, Buffer.alloc(4096 * 3, 0xff), 0, 4096 * 3, 4096);
+    closeSync(fd);
+    const store = openStore({ dataDir, logger, onCorrupt: 'quarantine', lock: true });
+    expect(store.quarantinedTo).toMatch(/gateway\.db\.corrupt-/);
+    expect(existsSync(store.quarantinedTo!)).toBe(true);
+    expect((store.db.prepare('SELECT count(*) AS n FROM queue_messages').get() as { n: number }).n).toBe(0);
+    store.close();
+  });
+
+  it('explains a data directory it cannot create', () => {
+    const notADir = join(tempDir(), 'plain-file');
+    writeFileSync(notADir, '');
+    expect(() => openStore({ dataDir: join(notADir, 'data'), logger, onCorrupt: 'refuse', lock: true })).toThrow(
+      /cannot create data directory .*change gateway.dataDir/,
+    );
+  });
+});
