@@ -1,11 +1,10 @@
-import { fetchStatus, formatStatus } from '../gateway/status-format.js';
+import { daemonUrl, fetchStatus, formatStatus } from '../gateway/status-format.js';
 import { EXIT_OK, loadForCommand, type CommandIo } from './common.js';
 
 /** `iot-gateway status`: asks the running daemon over HTTP and prints its state for a person. */
 export async function statusCommand(io: CommandIo, json: boolean): Promise<number> {
   const { config } = loadForCommand(io);
-  const host = config.http.host === '0.0.0.0' ? '127.0.0.1' : config.http.host;
-  const snapshot = await fetchStatus(`http://${host}:${config.http.port}`, 5_000);
+  const snapshot = await fetchStatus(daemonUrl(config.http.host, config.http.port), 5_000);
   io.out(json ? JSON.stringify(snapshot, null, 2) : formatStatus(snapshot));
   return EXIT_OK;
 }

@@ -62,7 +62,7 @@ export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.en
 /** Parses and validates config text. Throws ConfigError listing every problem with its line. */
 export function parseConfigText(text: string, file: string, env: NodeJS.ProcessEnv = process.env): Readonly<Config> {
   const lineCounter = new LineCounter();
-  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
   if (doc.errors.length > 0) {
     throw new ConfigError(
       file,
@@ -168,7 +168,8 @@ function resolveSecrets(
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value as Record<string, unknown>);
     if (entries.length === 1 && entries[0]![0] === 'file' && typeof entries[0]![1] === 'string') {
-      const file = resolve(baseDir, entries[0]![1]);
+      // `{ file: "${CREDENTIALS_DIRECTORY}/pg-url" }`: the path itself may name environment variables.
+      const file = resolve(baseDir, resolveSecrets(entries[0]![1], [...path, 'file'], env, baseDir, issues, lineOf) as string);
       try {
         const st = statSync(file);
         if ((st.mode & 0o004) !== 0) {

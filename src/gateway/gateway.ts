@@ -339,7 +339,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       });
       logger.info({ listeners: boundListeners, http: httpAddress, version: VERSION, dataDir: config.gateway.dataDir }, 'gateway_ready');
       notifier.ready(`${boundListeners.length} listener(s), ${integrations.size} integration(s)`);
-      notifier.startWatchdog(() => isReady().ready || stopping);
+      // Liveness, not readiness: a full disk must not make systemd restart us in a loop; the pings
+      // themselves stop when the event loop is blocked.
+      notifier.startWatchdog(() => stopping || (broker?.listening ?? false));
     } catch (err) {
       await stop('start failed');
       throw err;

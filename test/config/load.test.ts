@@ -80,7 +80,7 @@ describe('config loading', () => {
     expect(byPath['broker.devices[0].acl.publish[0]']?.line).toBe(8);
   });
 
-  it('refuses semantic mistakes: duplicate names, unknown provider type, device without credentials', () => {
+  it('refuses semantic mistakes: duplicate names, device without credentials', () => {
     const text = [
       'gateway: { id: gw }',
       'broker:',
@@ -89,15 +89,22 @@ describe('config loading', () => {
       'integrations:',
       '  - { name: a, id: 0b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883" } }',
       '  - { name: a, id: 1b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883" } }',
+    ].join('\n');
+    const messages = issuesOf(text).map((i) => `${i.path}: ${i.message} (line ${i.line})`);
+    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[1\]\.name: duplicate integration name "a" .*\(line 7\)/));
+    expect(messages).toContainEqual(expect.stringMatching(/^broker\.devices\[0\]\.passwordHash: a device needs a passwordHash/));
+  });
+
+  it('refuses unknown and unavailable provider types', () => {
+    const text = [
+      'gateway: { id: gw }',
+      'integrations:',
       '  - { name: b, id: 2b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21, type: kafka }',
       '  - { name: c, id: 3b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21, type: aws-iot }',
     ].join('\n');
-    const issues = issuesOf(text);
-    const messages = issues.map((i) => `${i.path}: ${i.message}`);
-    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[1\]\.name: duplicate integration name "a"/));
-    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[2\]\.type: .*mqtt/));
-    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[3\]\.type: the aws-iot provider is not available/));
-    expect(messages).toContainEqual(expect.stringMatching(/^broker\.devices\[0\]\.passwordHash: a device needs a passwordHash/));
+    const messages = issuesOf(text).map((i) => `${i.path}: ${i.message}`);
+    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[0\]\.type: .*mqtt/));
+    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[1\]\.type: the aws-iot provider is not available/));
   });
 
   it('validates provider settings with their own paths', () => {
