@@ -1,6 +1,8 @@
 /** A token bucket: `take()` spends one token and returns 0, or returns the ms until one is due. */
 export interface RateLimiter {
   take(): number;
+  /** Like `take()` without spending: 0 when a token is there now, else the ms until one is. */
+  peek(): number;
   /** Changes the rate live (config reload); 0 = unlimited. */
   setRate(perSecond: number): void;
 }
@@ -32,17 +34,24 @@ export function createRateLimiter(options: RateLimiterOptions): RateLimiter {
   configure(options.rate);
   tokens = burst;
 
+  /** Adds the tokens earned since the last call; returns 0 or the ms until one token is due. */
+  const refill = (): number => {
+    if (rate === 0) return 0;
+    const t = now();
+    tokens = Math.min(burst, tokens + ((t - last) * rate) / 1000);
+    last = t;
+    if (tokens >= 1) return 0;
+    return Math.max(1, Math.ceil(((1 - tokens) * 1000) / rate));
+  };
+
   return {
     take() {
-      if (rate === 0) return 0;
-      const t = now();
-      tokens = Math.min(burst, tokens + ((t - last) * rate) / 1000);
-      last = t;
-      if (tokens >= 1) {
-        tokens -= 1;
-        return 0;
-      }
-      return Math.max(1, Math.ceil(((1 - tokens) * 1000) / rate));
+      const wait = refill();
+      if (wait === 0 && rate > 0) tokens -= 1;
+      return wait;
+    },
+    peek() {
+      return refill();
     },
     setRate(perSecond) {
       configure(perSecond);

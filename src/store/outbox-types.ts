@@ -52,6 +52,12 @@ export interface Outbox {
   ack(integrationId: string, ids: readonly number[]): void;
   /** Counts a delivery attempt on rows (kept across restarts). */
   markAttempt(integrationId: string, ids: readonly number[]): void;
+  /**
+   * Devices with rows in a queue and the highest row id of each (one GROUP BY, bounded by the
+   * number of devices). The forwarder reads it once per (re)connect to interleave a backlog with
+   * live traffic; without it a queue drains in plain id order.
+   */
+  backlogByDevice(integrationId: string): { deviceId: string; maxId: number }[];
   /** Moves a row the upstream rejected for good to the dead-letter table, with the reason. */
   deadLetter(integrationId: string, message: OutboundMessage, code: string, reason: string): void;
   stats(integrationId: string): QueueStats;

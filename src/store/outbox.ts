@@ -100,6 +100,9 @@ export function createOutbox(options: OutboxOptions): Outbox {
   const selectOldestTime = db.prepare(
     'SELECT enqueued_at AS t FROM queue_messages WHERE integration_id = ? ORDER BY id LIMIT 1',
   );
+  const selectBacklog = db.prepare(
+    'SELECT device_id AS deviceId, max(id) AS maxId FROM queue_messages WHERE integration_id = ? GROUP BY device_id',
+  );
   const countDeadLetters = db.prepare('SELECT count(*) AS n FROM dead_letters WHERE integration_id = ?');
 
   const counters = new Map<string, QueueCounters>();
@@ -370,6 +373,10 @@ export function createOutbox(options: OutboxOptions): Outbox {
       if (staged.length >= maxBatch) flushNow();
       else scheduleFlush();
       return promise;
+    },
+
+    backlogByDevice(integrationId) {
+      return selectBacklog.all(integrationId) as { deviceId: string; maxId: number }[];
     },
 
     read(integrationId, afterId, limit) {

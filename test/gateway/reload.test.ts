@@ -48,17 +48,27 @@ describe('live config reload under traffic', () => {
     const received: string[] = [];
     const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', { reconnectPeriod: 0 });
     cleanup.push(() => observer.endAsync(true));
-    observer.on('message', (topic, payload) => received.push(`${topic.slice(prefix.length + 1)} ${payload.toString()}`));
+    observer.on('message', (topic, payload) =>
+      received.push(`${topic.slice(prefix.length + 1)} ${payload.toString()}`),
+    );
     await observer.subscribeAsync(`${prefix}/#`, { qos: 1 });
 
     const daemon: DaemonHandle = startDaemon(file);
     cleanup.push(() => daemon.stop('SIGKILL'));
     await daemon.ready;
     const connect = (id: string) =>
-      mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: id, username: id, password: 'pw', reconnectPeriod: 0 });
+      mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+        clientId: id,
+        username: id,
+        password: 'pw',
+        reconnectPeriod: 0,
+      });
     const a = await connect('a');
     const b = await connect('b');
-    cleanup.push(() => a.end(true), () => b.end(true));
+    cleanup.push(
+      () => void a.end(true),
+      () => void b.end(true),
+    );
     let closedA = 0;
     let closedB = 0;
     a.on('close', () => closedA++);
@@ -74,7 +84,8 @@ describe('live config reload under traffic', () => {
         await new Promise((r) => setTimeout(r, 5));
       }
     })();
-    const reloads = () => daemon.lines.filter((l) => l.msg === 'config_reloaded' || l.msg === 'config_reload_failed').length;
+    const reloads = () =>
+      daemon.lines.filter((l) => l.msg === 'config_reloaded' || l.msg === 'config_reload_failed').length;
     const waitReload = async (before: number) => {
       const deadline = Date.now() + 15_000;
       while (reloads() <= before && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
@@ -83,10 +94,13 @@ describe('live config reload under traffic', () => {
 
     // 1. In-place edit: add device c and a route for state.
     let before = reloads();
-    writeFileSync(file, render({ devices: ['a', 'b', 'c'], routes: ['devices/+/telemetry', 'devices/+/state'] }));
+    writeFileSync(
+      file,
+      render({ devices: ['a', 'b', 'c'], routes: ['devices/+/telemetry', 'devices/+/state'] }),
+    );
     await waitReload(before);
     const c: MqttClient = await connect('c');
-    cleanup.push(() => c.end(true));
+    cleanup.push(() => void c.end(true));
     await c.publishAsync('devices/c/state', '{"on":true}', { qos: 1 });
 
     // 2. Broken YAML via atomic rename: refused, the old config stays in force.
@@ -105,7 +119,13 @@ describe('live config reload under traffic', () => {
 
     // 3. A semantic error (unknown provider type) is refused too.
     before = reloads();
-    writeFileSync(file, render({ devices: ['a', 'b', 'c'], routes: ['devices/+/telemetry'] }).replace('type: mqtt', 'type: kafka'));
+    writeFileSync(
+      file,
+      render({ devices: ['a', 'b', 'c'], routes: ['devices/+/telemetry'] }).replace(
+        'type: mqtt',
+        'type: kafka',
+      ),
+    );
     await waitReload(before);
 
     // 4. Revoke b with SIGHUP after a valid edit: b is disconnected, a and c stay.
@@ -124,7 +144,8 @@ describe('live config reload under traffic', () => {
 
     const expected = [...acked, 'devices/c/state {"on":true}', 'devices/b/telemetry still-here'];
     const until = Date.now() + 20_000;
-    while (expected.some((m) => !received.includes(m)) && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
+    while (expected.some((m) => !received.includes(m)) && Date.now() < until)
+      await new Promise((r) => setTimeout(r, 100));
     expect(expected.filter((m) => !received.includes(m))).toEqual([]);
     expect(acked.length).toBeGreaterThan(10);
     expect(await daemon.stop('SIGTERM')).toBe(0);

@@ -1,0 +1,473 @@
+import { ErrorCodes, errorMessage, toGatewayError, type GatewayError } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { OutboundMessage, Provider } from '../providers/provider.js';
+import type { ActivityLog } from '../store/activity-log.js';
+import type { Outbox } from '../store/outbox-types.js';
+import { createBackoff, type Backoff } from './backoff.js';
+import type { ConnectionSupervisor } from './connection-supervisor.js';
+import { createRateLimiter } from './rate-limiter.js';
+
+export interface Forwarder {
+  start(): void;
+  /** Waits for in-flight publishes up to a bound; unacknowledged rows stay in the queue. */
+  stop(): Promise<void>;
+  readonly inflight: number;
+  readonly delivered: number;
+  readonly lastAckAt: number | null;
+  /** New rows were committed (wire to outbox.onEnqueue). */
+  wake(): void;
+  setLimits(queue: ForwarderLimits): void;
+}
+
+export interface ForwarderLimits {
+  /** messages per second; 0 = unlimited */
+  rate: number;
+  /** most unacknowledged publishes at once (further capped by provider.maxInflight) */
+  inflight: number;
+  /** rows whose retryable failures reach this many attempts go to dead letters */
+  maxAttempts: number;
+}
+
+export interface ForwarderOptions {
+  outbox: Outbox;
+  provider: Provider;
+  supervisor: ConnectionSupervisor;
+  integrationId: string;
+  logger: Logger;
+  activity: ActivityLog;
+  queue: ForwarderLimits;
+  /** ms since epoch */
+  now?: () => number;
+  /** Bound on waiting for in-flight publishes at stop (ms). */
+  stopTimeoutMs?: number;
+  /** Pause before resending after a publish timeout on a live link. */
+  retryBackoff?: Backoff;
+}
+
+const ACK_BATCH_ROWS = 100;
+const ACK_BATCH_MS = 50;
+const DELIVER_REPORT_MS = 10_000;
+/** A backstop for a missed wake(): look at the queue at least this often while connected. */
+const POLL_MS = 1000;
+/** Rows one draw may read past without finding one to send, before yielding the event loop. */
+const SCAN_BUDGET = 5000;
+
+/** One reading position in the queue with a read-ahead buffer. */
+interface Cursor {
+  /** id of the last row read into the buffer */
+  readTo: number;
+  /** id of the last row taken from the buffer (sent, skipped or dead-lettered) */
+  drawn: number;
+  buffer: OutboundMessage[];
+}
+
+/**
+ * Drains one integration's queue to its provider while the supervisor reports a connection.
+ *
+ * Order and duplicates: rows are published in id order on one connection (which keeps MQTT
+ * order), at most `window` unacknowledged; a row is deleted only after its publish resolved.
+ * A retryable failure or a lost link forgets the in-flight set and starts again from the
+ * oldest row still queued, so delivery is at-least-once with at most `window` duplicates.
+ *
+ * Backlog and live traffic: when a link comes up with rows queued, the highest id is the
+ * watermark W and the devices with queued rows form the backlog set. Two cursors then take
+ * turns: the backlog cursor walks ids ≤ W in order; the live cursor walks ids > W and sends a
+ * row only when its device has no unsent backlog left. A live row whose device still has
+ * backlog pins that device to the backlog cursor for the rest of this connection (the backlog
+ * cursor sends the pinned devices' newer rows after W in order), so every device's rows go out
+ * in order and devices without backlog are not starved behind a large one.
+ *
+ * Poison rows: a non-retryable failure (too large, not authorised) dead-letters the row and
+ * the queue moves on. A lost link counts an attempt on the oldest in-flight row only (the one
+ * a broker that disconnects on a bad publish most likely choked on), so rows that merely rode
+ * along on a flapping link are not blamed; a row that reaches maxAttempts is dead-lettered.
+ */
+export function createForwarder(options: ForwarderOptions): Forwarder {
+  const { outbox, provider, supervisor, integrationId, activity } = options;
+  const logger = options.logger.child({ component: 'forwarder' });
+  const now = options.now ?? Date.now;
+  const stopTimeoutMs = options.stopTimeoutMs ?? 5000;
+  const retryBackoff = options.retryBackoff ?? createBackoff({ baseMs: 1000, maxMs: 30_000 });
+  let limits: ForwarderLimits = { ...options.queue };
+  const limiter = createRateLimiter({ rate: limits.rate });
+
+  let running = false;
+  let stopping = false;
+  /** Sending in the current connection epoch. */
+  let active = false;
+  /** Bumped whenever in-flight state is forgotten; late results of older epochs are ignored. */
+  let epoch = 0;
+  const inflight = new Map<number, OutboundMessage>();
+  let delivered = 0;
+  let lastAckAt: number | null = null;
+  let consecutiveFailures = 0;
+
+  let pendingAcks: number[] = [];
+  let ackTimer: NodeJS.Timeout | undefined;
+  let pumpTimer: NodeJS.Timeout | undefined;
+  let retryTimer: NodeJS.Timeout | undefined;
+  let pollTimer: NodeJS.Timeout | undefined;
+  let reportTimer: NodeJS.Timeout | undefined;
+  let unsubscribe: (() => void) | undefined;
+  let drainWaiter: (() => void) | undefined;
+  let pumping = false;
+  let pumpAgain = false;
+
+  /** Why the last attempt of a row failed, to name the cause when it is dead-lettered. */
+  const lastFailure = new Map<number, { code: string; message: string }>();
+
+  // Per-epoch reading state.
+  let watermark = 0;
+  let backlog: Cursor | undefined;
+  let live: Cursor = { readTo: 0, drawn: 0, buffer: [] };
+  let backlogMax = new Map<string, number>();
+  let pinned = new Set<string>();
+  let turn: 'backlog' | 'live' = 'backlog';
+
+  let report = { count: 0, bytes: 0, fromId: 0, toId: 0, since: 0 };
+
+  function beginEpoch(): void {
+    if (!running || stopping || supervisor.state !== 'connected') return;
+    epoch++;
+    active = true;
+    inflight.clear();
+    backlogMax = new Map();
+    pinned = new Set();
+    watermark = 0;
+    if (outbox.backlogByDevice) {
+      try {
+        for (const { deviceId, maxId } of outbox.backlogByDevice(integrationId)) {
+          backlogMax.set(deviceId, maxId);
+          if (maxId > watermark) watermark = maxId;
+        }
+      } catch (err) {
+        logger.error({ err }, 'backlog_read_failed');
+        backlogMax.clear();
+        watermark = 0;
+      }
+    }
+    backlog = watermark > 0 ? { readTo: 0, drawn: 0, buffer: [] } : undefined;
+    live = { readTo: watermark, drawn: watermark, buffer: [] };
+    turn = 'backlog';
+    if (watermark > 0) logger.info({ watermark, devices: backlogMax.size }, 'backlog_drain_started');
+    pump();
+  }
+
+  /** Stops sending and forgets the in-flight set; acked rows are still deleted. */
+  function halt(countAttemptOnOldest: boolean): void {
+    clearTimeout(pumpTimer);
+    pumpTimer = undefined;
+    if (!active) return;
+    active = false;
+    epoch++;
+    if (countAttemptOnOldest && inflight.size > 0) {
+      const oldest = Math.min(...inflight.keys());
+      safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [oldest]));
+    }
+    inflight.clear();
+    backlog = undefined;
+    live = { readTo: 0, drawn: 0, buffer: [] };
+    flushAcks();
+    drainWaiter?.();
+  }
+
+  function refill(cursor: Cursor): boolean {
+    const rows = outbox.read(integrationId, cursor.readTo, Math.max(limits.inflight, 50));
+    if (rows.length === 0) return false;
+    cursor.buffer = rows;
+    cursor.readTo = rows[rows.length - 1]!.id;
+    return true;
+  }
+
+  function drawBacklog(budget: { rows: number }): OutboundMessage | undefined {
+    const cursor = backlog;
+    if (cursor === undefined) return undefined;
+    while (budget.rows > 0) {
+      if (cursor.buffer.length === 0) {
+        if (cursor.readTo >= watermark && pinned.size === 0) {
+          // Backlog sent and no device waits on this cursor: the live cursor takes everything.
+          backlog = undefined;
+          logger.info({ watermark }, 'backlog_drain_sent');
+          return undefined;
+        }
+        if (!refill(cursor)) return undefined;
+      }
+      const row = cursor.buffer.shift()!;
+      budget.rows--;
+      cursor.drawn = row.id;
+      if (row.id <= watermark || pinned.has(row.deviceId)) return row;
+      // A newer row of a device that is not pinned: the live cursor sends it.
+    }
+    return undefined;
+  }
+
+  function drawLive(budget: { rows: number }): OutboundMessage | undefined {
+    while (budget.rows > 0) {
+      if (live.buffer.length === 0 && !refill(live)) return undefined;
+      const row = live.buffer.shift()!;
+      budget.rows--;
+      live.drawn = row.id;
+      if (pinned.has(row.deviceId)) continue;
+      const lastBacklogId = backlogMax.get(row.deviceId);
+      if (backlog !== undefined && lastBacklogId !== undefined && backlog.drawn < lastBacklogId) {
+        pinned.add(row.deviceId);
+        continue;
+      }
+      return row;
+    }
+    return undefined;
+  }
+
+  function draw(budget: { rows: number }): OutboundMessage | undefined {
+    const first = turn;
+    turn = turn === 'backlog' ? 'live' : 'backlog';
+    if (first === 'backlog') return drawBacklog(budget) ?? drawLive(budget);
+    return drawLive(budget) ?? drawBacklog(budget);
+  }
+
+  function pump(): void {
+    if (pumping) {
+      pumpAgain = true;
+      return;
+    }
+    pumping = true;
+    try {
+      do {
+        pumpAgain = false;
+        pumpOnce();
+      } while (pumpAgain);
+    } finally {
+      pumping = false;
+    }
+  }
+
+  function pumpOnce(): void {
+    if (!active || stopping || pumpTimer !== undefined) return;
+    const window = Math.max(1, Math.min(limits.inflight, provider.maxInflight));
+    const budget = { rows: SCAN_BUDGET };
+    while (active && inflight.size < window) {
+      const wait = limiter.peek();
+      if (wait > 0) {
+        pumpTimer = setTimeout(() => {
+          pumpTimer = undefined;
+          pump();
+        }, wait);
+        return;
+      }
+      let row: OutboundMessage | undefined;
+      try {
+        row = draw(budget);
+      } catch (err) {
+        logger.error({ err }, 'queue_read_failed');
+        return;
+      }
+      if (row === undefined) {
+        if (budget.rows <= 0) setImmediate(pump);
+        return;
+      }
+      if (row.attempts >= limits.maxAttempts) {
+        const cause = lastFailure.get(row.id);
+        deadLetter(
+          row,
+          cause?.code ?? ErrorCodes.PROVIDER_REJECTED,
+          `gave up after ${row.attempts} delivery attempts${cause ? `: ${cause.message}` : ''}`,
+        );
+        continue;
+      }
+      limiter.take();
+      send(row);
+    }
+  }
+
+  function send(row: OutboundMessage): void {
+    const sentIn = epoch;
+    inflight.set(row.id, row);
+    let publishing: Promise<void>;
+    try {
+      publishing = provider.publish(row);
+    } catch (err) {
+      publishing = Promise.reject(err);
+    }
+    publishing.then(
+      () => onAcked(row, sentIn),
+      (err: unknown) => onFailed(row, toGatewayError(err, ErrorCodes.PROVIDER_NOT_CONNECTED), sentIn),
+    );
+  }
+
+  function onAcked(row: OutboundMessage, sentIn: number): void {
+    // A late ack of an older epoch still means the cloud has the row: delete it.
+    if (sentIn === epoch) inflight.delete(row.id);
+    consecutiveFailures = 0;
+    lastFailure.delete(row.id);
+    delivered++;
+    lastAckAt = now();
+    if (report.count === 0) report = { count: 0, bytes: 0, fromId: row.id, toId: row.id, since: now() };
+    report.count++;
+    report.bytes += row.payload.length;
+    report.fromId = Math.min(report.fromId, row.id);
+    report.toId = Math.max(report.toId, row.id);
+    pendingAcks.push(row.id);
+    if (pendingAcks.length >= ACK_BATCH_ROWS) flushAcks();
+    else ackTimer ??= setTimeout(flushAcks, ACK_BATCH_MS);
+    if (inflight.size === 0) drainWaiter?.();
+    pump();
+  }
+
+  function onFailed(row: OutboundMessage, err: GatewayError, sentIn: number): void {
+    if (sentIn !== epoch) return; // resent (or to be resent) from the queue in a later epoch
+    inflight.delete(row.id);
+    lastFailure.set(row.id, { code: err.code, message: err.message });
+    if (lastFailure.size > 10_000) lastFailure.delete(lastFailure.keys().next().value!);
+
+    if (!err.retryable) {
+      safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [row.id]));
+      deadLetter(row, err.code, err.message);
+      if (inflight.size === 0) drainWaiter?.();
+      pump();
+      return;
+    }
+    if (err.code === ErrorCodes.PROVIDER_NOT_CONNECTED || err.code === ErrorCodes.PROVIDER_CLOSED) {
+      // The link is gone; the supervisor reconnects and the next epoch resends from the queue.
+      inflight.set(row.id, row);
+      halt(err.code === ErrorCodes.PROVIDER_NOT_CONNECTED);
+      // Should the supervisor not notice (the provider refused, yet the link looks up), resume anyway.
+      scheduleRetry(retryBackoff.delay(0));
+      return;
+    }
+    // A timeout or a "not now" on a live link: resend from the oldest queued row after a pause.
+    safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [row.id]));
+    consecutiveFailures++;
+    const delayMs = retryBackoff.delay(consecutiveFailures - 1);
+    logger.warn(
+      { code: err.code, err: err.message, messageId: row.id, attempt: row.attempts + 1, delayMs },
+      'deliver_failed',
+    );
+    activity.record({
+      integrationId,
+      activityType: 'deliver',
+      direction: 'outgoing',
+      status: 'failed',
+      errorCode: err.code,
+      errorMessage: err.message,
+      metadata: { messageId: row.id, attempt: row.attempts + 1, retryInMs: delayMs },
+    });
+    halt(false);
+    scheduleRetry(delayMs);
+  }
+
+  function scheduleRetry(delayMs: number): void {
+    clearTimeout(retryTimer);
+    retryTimer = setTimeout(() => {
+      retryTimer = undefined;
+      if (!active) beginEpoch();
+    }, delayMs);
+  }
+
+  function deadLetter(row: OutboundMessage, code: string, reason: string): void {
+    lastFailure.delete(row.id);
+    // outbox.deadLetter logs the row and records its `dead_letter` activity.
+    safely('dead_letter_failed', () => outbox.deadLetter(integrationId, row, code, reason));
+  }
+
+  function flushAcks(): void {
+    clearTimeout(ackTimer);
+    ackTimer = undefined;
+    if (pendingAcks.length === 0) return;
+    const ids = pendingAcks;
+    pendingAcks = [];
+    // If the delete fails the rows stay queued and are sent again: a duplicate, never a loss.
+    safely('ack_failed', () => outbox.ack(integrationId, ids));
+  }
+
+  function flushReport(): void {
+    if (report.count === 0) return;
+    const { count, bytes, fromId, toId, since } = report;
+    report = { count: 0, bytes: 0, fromId: 0, toId: 0, since: 0 };
+    logger.info({ count, bytes, fromId, toId }, 'deliver_completed');
+    activity.record({
+      integrationId,
+      activityType: 'deliver',
+      direction: 'outgoing',
+      status: 'success',
+      metadata: { count, bytes, fromId, toId, periodMs: now() - since },
+    });
+  }
+
+  function safely(event: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      logger.error({ err: errorMessage(err) }, event);
+    }
+  }
+
+  function onState(state: string): void {
+    if (state === 'connected') {
+      clearTimeout(retryTimer);
+      retryTimer = undefined;
+      beginEpoch();
+    } else {
+      halt(true);
+    }
+  }
+
+  return {
+    get inflight() {
+      return inflight.size;
+    },
+    get delivered() {
+      return delivered;
+    },
+    get lastAckAt() {
+      return lastAckAt;
+    },
+    start() {
+      if (running) return;
+      running = true;
+      stopping = false;
+      unsubscribe = supervisor.onStateChange(onState);
+      pollTimer = setInterval(() => pump(), POLL_MS);
+      pollTimer.unref();
+      reportTimer = setInterval(flushReport, DELIVER_REPORT_MS);
+      reportTimer.unref();
+      if (supervisor.state === 'connected') beginEpoch();
+    },
+    async stop() {
+      if (!running) return;
+      stopping = true;
+      unsubscribe?.();
+      unsubscribe = undefined;
+      clearInterval(pollTimer);
+      clearTimeout(retryTimer);
+      clearTimeout(pumpTimer);
+      pumpTimer = undefined;
+      if (inflight.size > 0 && active) {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(done, stopTimeoutMs);
+          function done() {
+            clearTimeout(timer);
+            drainWaiter = undefined;
+            resolve();
+          }
+          drainWaiter = () => {
+            if (inflight.size === 0 || !active) done();
+          };
+        });
+      }
+      halt(false);
+      flushAcks();
+      clearInterval(reportTimer);
+      flushReport();
+      running = false;
+      logger.info({ delivered }, 'forwarder_stopped');
+    },
+    wake() {
+      pump();
+    },
+    setLimits(queue) {
+      limits = { ...queue };
+      limiter.setRate(queue.rate);
+      pump();
+    },
+  };
+}

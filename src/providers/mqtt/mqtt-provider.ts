@@ -1,0 +1,671 @@
+import { readFileSync } from 'node:fs';
+import {
+  connect,
+  type IClientOptions,
+  type IConnackPacket,
+  type IPublishPacket,
+  type MqttClient,
+} from 'mqtt';
+import { ErrorCodes, GatewayError, errorMessage, type ErrorCode } from '../../errors.js';
+import { matchTopic, expandTemplate } from '../../gateway/topic-match.js';
+import type { Logger } from '../../logger.js';
+import { redactUrl } from '../../logger.js';
+import type {
+  ConnectionTestResult,
+  InboundMessage,
+  OutboundMessage,
+  Provider,
+  ProviderContext,
+  SyncResult,
+} from '../provider.js';
+import { mqttSettingsSchema, type MqttSettings } from './settings.js';
+
+/** MQTT's own ceiling: the largest Remaining Length a packet can declare (256 MiB − 1). */
+const MQTT_MAX_REMAINING_LENGTH = 268_435_455;
+const DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024;
+/** Unacknowledged publishes when the server does not announce a Receive Maximum (3.1.1). */
+const DEFAULT_MAX_INFLIGHT = 100;
+/** How long `import` listens for the retained messages a fresh subscription brings. */
+const IMPORT_WINDOW_MS = 1000;
+/** Bound on a graceful DISCONNECT at close(). */
+const CLOSE_TIMEOUT_MS = 2000;
+
+/** PUBACK reason codes that say "not now" rather than "never": the row is retried. */
+const RETRYABLE_PUBACK_CODES = new Set([
+  0x89, // Server busy
+  0x91, // Packet Identifier in use
+  0x97, // Quota exceeded
+]);
+
+/** CONNACK codes that mean the credentials or the policy refused us (3.1.1 and 5). */
+const AUTH_CONNACK_CODES = new Set([4, 5, 0x86, 0x87, 0x8a, 0x8c]);
+
+interface PendingPublish {
+  fail(err: GatewayError): void;
+}
+
+/** One established (or establishing) connection and what hangs on it. */
+interface Link {
+  client: MqttClient;
+  established: boolean;
+  lost: boolean;
+  /** Why it went down, when mqtt.js or the server said so. */
+  lastError: Error | undefined;
+  pending: Set<PendingPublish>;
+  maxInflight: number;
+  /** MQTT 5 Maximum Packet Size from CONNACK. */
+  maxPacketSize: number | undefined;
+}
+
+interface Opened {
+  client: MqttClient;
+  connack: IConnackPacket;
+  latencyMs: number;
+  /** The error mqtt.js reported last on this client; read it when the link closes. */
+  lastError(): Error | undefined;
+}
+
+type Purpose = 'stream' | 'test' | 'import';
+
+/**
+ * The generic `mqtt` provider: bridges the local canonical topics to any MQTT 3.1.1/5 broker
+ * with per-rule topic templates in both directions (cloud-protocols.md §4).
+ *
+ * One `connect` is one attempt (`reconnectPeriod: 0`): the connection supervisor owns
+ * reconnects. mqtt.js's offline queue and outgoing store are never relied on — a publish while
+ * disconnected is rejected, and in-flight publishes are rejected when the link drops — because
+ * the SQLite queue is the source of truth and the forwarder resends from it.
+ *
+ * Loops: with protocol 5 and `noLocal` (default) the inbound subscriptions carry No Local, so
+ * a message we publish through an outbound rule is not delivered back to us even when an
+ * inbound filter covers its remote topic. MQTT 3.1.1 has no standard equivalent: there an
+ * inbound filter that overlaps an outbound remote topic echoes our own publications back
+ * (mapped to the inbound rule's local topic) — avoid such overlaps or use protocol 5.
+ */
+export function createMqttProvider(context: ProviderContext): Provider {
+  const settings: MqttSettings = mqttSettingsSchema.parse(context.integration.settings);
+  const logger: Logger = context.logger.child({ component: 'mqtt' });
+  const clientId = settings.clientId ?? `${context.gatewayId}-${context.integration.name}`;
+  const endpoint = redactUrl(settings.url);
+  const configuredMaxPayload = settings.maxPayloadSize ?? DEFAULT_MAX_PAYLOAD_BYTES;
+
+  let commandHandler: ((message: InboundMessage) => void) | undefined;
+  let disconnectHandler: ((error: Error) => void) | undefined;
+  let link: Link | undefined;
+  let closed = false;
+
+  logger.info(
+    {
+      endpoint,
+      protocolVersion: settings.protocolVersion,
+      clientId,
+      outboundRules: settings.outbound.length,
+      inboundRules: settings.inbound.length,
+    },
+    'client_initialized',
+  );
+  if (settings.protocolVersion === 4 && settings.inbound.length > 0 && settings.outbound.length > 0) {
+    logger.debug('no_local_unavailable');
+  }
+
+  function tlsOptions(): Pick<IClientOptions, 'ca' | 'cert' | 'key'> {
+    const read = (what: string, path: string | undefined) => {
+      if (path === undefined) return undefined;
+      try {
+        return readFileSync(path);
+      } catch (err) {
+        throw new GatewayError(
+          ErrorCodes.PROVIDER_CONNECT,
+          `cannot read the ${what} file ${path} (${(err as NodeJS.ErrnoException).code ?? errorMessage(err)}); fix settings.${what} of integration ${context.integration.name}`,
+          { retryable: false, cause: err, details: { file: path } },
+        );
+      }
+    };
+    return { ca: read('ca', settings.ca), cert: read('cert', settings.cert), key: read('key', settings.key) };
+  }
+
+  /** Opens one client and resolves at CONNACK; every failure ends the client before rejecting. */
+  function openClient(id: string, purpose: Purpose, signal: AbortSignal): Promise<Opened> {
+    if (signal.aborted) return Promise.reject(aborted());
+    const log = logger.child({ clientId: id, purpose });
+    const options: IClientOptions = {
+      protocolVersion: settings.protocolVersion,
+      clientId: id,
+      username: settings.username,
+      password: settings.password,
+      // mqtt.js takes seconds; a sub-second setting must not become 0 (= keepalive off).
+      keepalive: settings.keepalive === 0 ? 0 : Math.max(1, Math.ceil(settings.keepalive / 1000)),
+      connectTimeout: settings.connectTimeout,
+      reconnectPeriod: 0,
+      clean: settings.cleanSession,
+      queueQoSZero: false,
+      resubscribe: false,
+      rejectUnauthorized: settings.rejectUnauthorized,
+      ...tlsOptions(),
+      ...(settings.servername === undefined ? {} : { servername: settings.servername }),
+    };
+    log.info({ endpoint, protocolVersion: settings.protocolVersion }, 'connect_started');
+    const started = performance.now();
+
+    return new Promise<Opened>((resolve, reject) => {
+      let settled = false;
+      let lastError: Error | undefined;
+      const client = connect(settings.url, options);
+      // Without an 'error' listener mqtt.js would throw; errors are read when the link closes.
+      client.on('error', (err) => {
+        lastError = err;
+      });
+      client.on('disconnect', (packet) => {
+        lastError = new Error(`the server sent DISCONNECT (reason code ${packet.reasonCode ?? 0})`);
+      });
+
+      const safety = setTimeout(
+        () =>
+          fail(
+            new GatewayError(
+              ErrorCodes.PROVIDER_TIMEOUT,
+              `no CONNACK from ${endpoint} within ${settings.connectTimeout} ms`,
+              {
+                retryable: true,
+              },
+            ),
+          ),
+        settings.connectTimeout + 1000,
+      );
+      const onAbort = () => fail(aborted());
+      signal.addEventListener('abort', onAbort, { once: true });
+
+      const finish = () => {
+        settled = true;
+        clearTimeout(safety);
+        signal.removeEventListener('abort', onAbort);
+        client.removeListener('close', onCloseBeforeConnack);
+      };
+      function fail(err: GatewayError) {
+        if (settled) return;
+        finish();
+        client.end(true);
+        log.warn(
+          { code: err.code, err: err.message, latencyMs: Math.round(performance.now() - started) },
+          'connect_failed',
+        );
+        reject(err);
+      }
+      function onCloseBeforeConnack() {
+        fail(classifyConnectError(lastError, endpoint));
+      }
+      client.on('close', onCloseBeforeConnack);
+      client.once('connect', (connack) => {
+        if (settled) return;
+        finish();
+        const latencyMs = Math.round(performance.now() - started);
+        log.info(
+          {
+            latencyMs,
+            receiveMaximum: connack.properties?.receiveMaximum,
+            maximumPacketSize: connack.properties?.maximumPacketSize,
+          },
+          'connect_completed',
+        );
+        resolve({ client, connack, latencyMs, lastError: () => lastError });
+      });
+    });
+  }
+
+  function subscribeInbound(client: MqttClient, retainHandling: 0 | 1 | 2): Promise<void> {
+    if (settings.inbound.length === 0) return Promise.resolve();
+    const v5 = settings.protocolVersion === 5;
+    const map: Record<string, { qos: 0 | 1 | 2; nl?: boolean; rap?: boolean; rh?: number }> = {};
+    for (const rule of settings.inbound) {
+      // Retain As Published keeps retained desired state retained on the local side.
+      map[rule.remote] = v5
+        ? { qos: rule.qos, nl: settings.noLocal, rap: true, rh: retainHandling }
+        : { qos: rule.qos };
+    }
+    return new Promise((resolve) => {
+      client.subscribe(map, (err, granted) => {
+        const refused = (granted ?? []).filter((g) => (g.qos & 0x80) !== 0).map((g) => g.topic);
+        if (err || refused.length > 0) {
+          // Outbound still works without the inbound subscription, so the link stays up.
+          logger.warn({ err: err?.message, refused }, 'subscribe_failed');
+          context.activity.record({
+            integrationId: context.integration.id,
+            activityType: 'subscribe',
+            direction: 'incoming',
+            status: 'failed',
+            errorCode: ErrorCodes.PROVIDER_REJECTED,
+            errorMessage: err ? err.message : `the broker refused the subscriptions ${refused.join(', ')}`,
+            metadata: { filters: Object.keys(map) },
+          });
+        }
+        resolve();
+      });
+    });
+  }
+
+  /** The local topic for a remote one: the first inbound rule whose filter matches. */
+  function mapInbound(topic: string): string | undefined {
+    for (const rule of settings.inbound) {
+      const captures = matchTopic(rule.remote, topic);
+      if (captures === null) continue;
+      return expandTemplate(rule.local, { topic, gatewayId: context.gatewayId, captures });
+    }
+    return undefined;
+  }
+
+  function deliverInbound(topic: string, payload: Buffer, packet: IPublishPacket): boolean {
+    let local: string | undefined;
+    try {
+      local = mapInbound(topic);
+    } catch (err) {
+      logger.warn({ topic, err: errorMessage(err) }, 'inbound_unmapped');
+      return false;
+    }
+    if (local === undefined) {
+      logger.debug({ topic }, 'inbound_unmapped');
+      return false;
+    }
+    if (commandHandler === undefined) {
+      logger.warn({ topic, local }, 'inbound_no_handler');
+      return false;
+    }
+    try {
+      commandHandler({ topic: local, payload, qos: packet.qos, retain: packet.retain });
+      return true;
+    } catch (err) {
+      logger.error({ err, topic: local }, 'inbound_handler_failed');
+      return false;
+    }
+  }
+
+  function endClient(client: MqttClient): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        client.end(true);
+        resolve();
+      }, CLOSE_TIMEOUT_MS);
+      // A graceful end waits for unacknowledged publishes; those are abandoned here (the queue
+      // still holds them), so force when any are outstanding.
+      const force = !client.connected || Object.keys(client.outgoing).length > 0;
+      client.end(force, () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  function dropLink(current: Link, err: GatewayError): void {
+    for (const pending of [...current.pending]) pending.fail(err);
+    current.pending.clear();
+  }
+
+  function packetSize(topic: string, payload: Buffer, qos: number): number {
+    const remaining =
+      2 +
+      Buffer.byteLength(topic) +
+      (qos > 0 ? 2 : 0) +
+      (settings.protocolVersion === 5 ? 1 : 0) +
+      payload.length;
+    const lengthBytes = remaining < 128 ? 1 : remaining < 16_384 ? 2 : remaining < 2_097_152 ? 3 : 4;
+    return 1 + lengthBytes + remaining;
+  }
+
+  function effectiveMaxPayload(): number {
+    return Math.min(configuredMaxPayload, link?.maxPacketSize ?? Infinity);
+  }
+
+  const provider: Provider = {
+    get maxInflight() {
+      return link?.maxInflight ?? DEFAULT_MAX_INFLIGHT;
+    },
+    get maxPayloadBytes() {
+      return effectiveMaxPayload();
+    },
+
+    async connect(signal) {
+      if (closed) throw closedError();
+      const previous = link;
+      link = undefined;
+      if (previous) {
+        // Marked lost first, so its close is not reported as a loss of the new link.
+        previous.lost = true;
+        dropLink(previous, notConnected('the previous connection was replaced'));
+        previous.client.end(true);
+      }
+      const opened = await openClient(clientId, 'stream', signal);
+      const { client, connack } = opened;
+      if (closed) {
+        client.end(true);
+        throw closedError();
+      }
+      const current: Link = {
+        client,
+        established: false,
+        lost: false,
+        lastError: undefined,
+        pending: new Set(),
+        maxInflight: connack.properties?.receiveMaximum ?? DEFAULT_MAX_INFLIGHT,
+        maxPacketSize: connack.properties?.maximumPacketSize,
+      };
+      link = current;
+      client.on('message', (topic, payload, packet) => {
+        deliverInbound(topic, payload, packet);
+      });
+      const onLost = () => {
+        if (current.lost) return;
+        current.lost = true;
+        const reason = opened.lastError() ?? new Error('the connection closed');
+        dropLink(current, notConnected(`the connection was lost: ${reason.message}`));
+        if (link === current) link = undefined;
+        if (!current.established || closed) return;
+        logger.warn({ err: reason.message }, 'connection_lost');
+        try {
+          disconnectHandler?.(
+            new GatewayError(
+              ErrorCodes.PROVIDER_CONNECT,
+              `the connection to ${endpoint} was lost: ${reason.message}`,
+              {
+                retryable: true,
+                cause: reason,
+              },
+            ),
+          );
+        } catch (err) {
+          logger.error({ err }, 'disconnect_handler_failed');
+        }
+      };
+      client.on('close', onLost);
+      // The broker may have closed the socket already (kick right after CONNACK).
+      if (!client.connected) onLost();
+      else await subscribeInbound(client, 0);
+      if (current.lost) {
+        // Lost while subscribing: report it as a failed attempt, the supervisor retries.
+        throw notConnected(`the connection to ${endpoint} closed right after CONNACK`);
+      }
+      if (signal.aborted) {
+        current.lost = true;
+        link = undefined;
+        client.end(true);
+        throw aborted();
+      }
+      current.established = true;
+    },
+
+    publish(message: OutboundMessage) {
+      if (closed) return Promise.reject(closedError());
+      const current = link;
+      if (current === undefined || current.lost || !current.client.connected) {
+        return Promise.reject(notConnected(`not connected to ${endpoint}`));
+      }
+      let remote: string | undefined;
+      let qos: 0 | 1 | 2 = message.qos;
+      let retain = message.retain;
+      try {
+        for (const rule of settings.outbound) {
+          const captures = matchTopic(rule.local, message.topic);
+          if (captures === null) continue;
+          remote = expandTemplate(rule.remote, {
+            topic: message.topic,
+            deviceId: message.deviceId,
+            gatewayId: context.gatewayId,
+            captures,
+          });
+          qos = rule.qos ?? message.qos;
+          retain = rule.retain === 'as-published' ? message.retain : rule.retain;
+          break;
+        }
+      } catch (err) {
+        return Promise.reject(
+          new GatewayError(ErrorCodes.PROVIDER_REJECTED, errorMessage(err), { retryable: false, cause: err }),
+        );
+      }
+      if (remote === undefined) {
+        return Promise.reject(
+          new GatewayError(
+            ErrorCodes.PROVIDER_REJECTED,
+            `no outbound rule of integration ${context.integration.name} matches the topic ${message.topic}`,
+            { retryable: false, details: { topic: message.topic } },
+          ),
+        );
+      }
+      const size = packetSize(remote, message.payload, qos);
+      const maxPayload = effectiveMaxPayload();
+      if (
+        message.payload.length > maxPayload ||
+        size > (current.maxPacketSize ?? Infinity) ||
+        size - 5 > MQTT_MAX_REMAINING_LENGTH
+      ) {
+        return Promise.reject(
+          new GatewayError(
+            ErrorCodes.PROVIDER_TOO_LARGE,
+            `a ${message.payload.length}-byte payload is larger than ${endpoint} accepts (${Math.min(maxPayload, current.maxPacketSize ?? Infinity)} bytes)`,
+            {
+              retryable: false,
+              details: {
+                payloadBytes: message.payload.length,
+                packetBytes: size,
+                maxPayloadBytes: maxPayload,
+              },
+            },
+          ),
+        );
+      }
+
+      const target = remote;
+      return new Promise<void>((resolve, reject) => {
+        let done = false;
+        const settle = (err: GatewayError | undefined) => {
+          if (done) return;
+          done = true;
+          clearTimeout(timer);
+          current.pending.delete(pending);
+          if (err) reject(err);
+          else resolve();
+        };
+        const pending: PendingPublish = { fail: (err) => settle(err) };
+        const timer = setTimeout(
+          () =>
+            settle(
+              new GatewayError(
+                ErrorCodes.PROVIDER_TIMEOUT,
+                `no acknowledgement from ${endpoint} within ${settings.publishTimeout} ms`,
+                { retryable: true, details: { topic: target } },
+              ),
+            ),
+          settings.publishTimeout,
+        );
+        current.pending.add(pending);
+        current.client.publish(target, message.payload, { qos, retain }, (err) => {
+          settle(err ? classifyPublishError(err, endpoint, target) : undefined);
+        });
+      });
+    },
+
+    onCommand(handler) {
+      commandHandler = handler;
+    },
+
+    onDisconnect(handler) {
+      disconnectHandler = handler;
+    },
+
+    async testConnection(signal): Promise<ConnectionTestResult> {
+      const testId = `${clientId}-test`;
+      const details = { url: endpoint, protocolVersion: settings.protocolVersion, clientId: testId };
+      const started = performance.now();
+      try {
+        const opened = await openClient(testId, 'test', signal);
+        await endClient(opened.client);
+        return { ok: true, latencyMs: opened.latencyMs, details };
+      } catch (err) {
+        const e = err instanceof GatewayError ? err : classifyConnectError(err as Error, endpoint);
+        return {
+          ok: false,
+          latencyMs: Math.round(performance.now() - started),
+          details,
+          error: { code: e.code, message: e.message },
+        };
+      }
+    },
+
+    /**
+     * A plain broker has no device registry. What it can hold for us is retained state on the
+     * inbound filters (desired state, configuration): a short-lived extra client subscribes,
+     * collects the retained messages that a fresh subscription brings for one second, and hands
+     * each to the command handler like live inbound traffic. Live (non-retained) messages in that
+     * second are ignored here — the streaming connection delivers those.
+     */
+    async import(signal): Promise<SyncResult> {
+      if (settings.inbound.length === 0) {
+        return {
+          recordsProcessed: 0,
+          recordsSucceeded: 0,
+          recordsFailed: 0,
+          details: { note: 'a plain MQTT broker has no device registry; nothing to import' },
+        };
+      }
+      const opened = await openClient(`${clientId}-import`, 'import', signal);
+      let seen = 0;
+      let delivered = 0;
+      try {
+        opened.client.on('message', (topic, payload, packet) => {
+          if (!packet.retain) return;
+          seen++;
+          if (deliverInbound(topic, payload, packet)) delivered++;
+        });
+        await subscribeInbound(opened.client, 0);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(done, IMPORT_WINDOW_MS);
+          function done() {
+            clearTimeout(timer);
+            signal.removeEventListener('abort', done);
+            resolve();
+          }
+          signal.addEventListener('abort', done, { once: true });
+        });
+      } finally {
+        await endClient(opened.client);
+      }
+      if (signal.aborted) throw aborted();
+      return {
+        recordsProcessed: seen,
+        recordsSucceeded: delivered,
+        recordsFailed: seen - delivered,
+        details: {
+          note: 'retained messages on the inbound filters, delivered to local topics',
+          filters: settings.inbound.map((r) => r.remote),
+        },
+      };
+    },
+
+    /** Nothing to push beyond the queue: device state reaches the broker through the forwarder. */
+    export(): Promise<SyncResult> {
+      return Promise.resolve({
+        recordsProcessed: 0,
+        recordsSucceeded: 0,
+        recordsFailed: 0,
+        details: {
+          note: 'a plain MQTT broker takes device state as queued messages; nothing else to export',
+        },
+      });
+    },
+
+    async bidirectionalSync(signal): Promise<SyncResult> {
+      const imported = await provider.import(signal);
+      const exported = await provider.export(signal);
+      return {
+        recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
+        recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
+        recordsFailed: imported.recordsFailed + exported.recordsFailed,
+        details: { import: imported.details, export: exported.details },
+      };
+    },
+
+    async close() {
+      if (closed) return;
+      closed = true;
+      const current = link;
+      link = undefined;
+      if (current === undefined) return;
+      current.lost = true;
+      dropLink(current, closedError());
+      await endClient(current.client);
+    },
+  };
+  return provider;
+}
+
+function aborted(): GatewayError {
+  return new GatewayError(ErrorCodes.ABORTED, 'the connection attempt was aborted', { retryable: false });
+}
+
+function closedError(): GatewayError {
+  return new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the provider was closed', { retryable: true });
+}
+
+function notConnected(message: string): GatewayError {
+  return new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, message, { retryable: true });
+}
+
+/** CONNACK refusals, TLS verification and network errors, each with a code callers can branch on. */
+function classifyConnectError(err: Error | undefined, endpoint: string): GatewayError {
+  if (err === undefined) {
+    return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `${endpoint} closed the connection before CONNACK`, {
+      retryable: true,
+    });
+  }
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'number') {
+    const auth = AUTH_CONNACK_CODES.has(code);
+    const errorCode: ErrorCode = auth ? ErrorCodes.PROVIDER_AUTH : ErrorCodes.PROVIDER_CONNECT;
+    return new GatewayError(
+      errorCode,
+      `${endpoint} refused the connection: ${err.message} (CONNACK ${code})${auth ? '; check username, password, client certificate and the broker ACL' : ''}`,
+      // Retrying cannot fix bad credentials; the supervisor still retries with backoff in case
+      // the broker side is fixed.
+      { retryable: false, cause: err, details: { connackCode: code } },
+    );
+  }
+  const text = typeof code === 'string' ? code : '';
+  if (
+    /CERT|SSL|TLS|SELF_SIGNED|UNABLE_TO|HOSTNAME|ERR_TLS/i.test(text) ||
+    /TLS|certificate/i.test(err.message)
+  ) {
+    return new GatewayError(
+      ErrorCodes.PROVIDER_CONNECT,
+      `TLS with ${endpoint} failed: ${err.message}; check settings.ca, settings.servername and the broker certificate`,
+      { retryable: false, cause: err, details: { tls: text || undefined } },
+    );
+  }
+  if (/connack timeout/i.test(err.message)) {
+    return new GatewayError(ErrorCodes.PROVIDER_TIMEOUT, `no CONNACK from ${endpoint} in time`, {
+      retryable: true,
+      cause: err,
+    });
+  }
+  return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `cannot connect to ${endpoint}: ${err.message}`, {
+    retryable: true,
+    cause: err,
+    details: text ? { network: text } : undefined,
+  });
+}
+
+function classifyPublishError(err: Error, endpoint: string, topic: string): GatewayError {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'number' && code >= 0x80) {
+    return new GatewayError(
+      ErrorCodes.PROVIDER_REJECTED,
+      `${endpoint} rejected the message on ${topic}: ${err.message} (reason code 0x${code.toString(16)})`,
+      { retryable: RETRYABLE_PUBACK_CODES.has(code), cause: err, details: { reasonCode: code, topic } },
+    );
+  }
+  // "client disconnecting", "Connection closed", store errors: the link is going away.
+  return new GatewayError(
+    ErrorCodes.PROVIDER_NOT_CONNECTED,
+    `publish to ${endpoint} failed: ${err.message}`,
+    {
+      retryable: true,
+      cause: err,
+    },
+  );
+}

@@ -1,0 +1,357 @@
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { connectAsync } from 'mqtt';
+import { afterEach, describe, expect, it } from 'vitest';
+import { configSchema } from '../../src/config/schema.js';
+import { createBackoff } from '../../src/gateway/backoff.js';
+import {
+  createConnectionSupervisor,
+  type ConnectionSupervisor,
+} from '../../src/gateway/connection-supervisor.js';
+import { createForwarder, type Forwarder } from '../../src/gateway/forwarder.js';
+import { createRateLimiter } from '../../src/gateway/rate-limiter.js';
+import { createLogger, type Logger } from '../../src/logger.js';
+import { createMqttProvider } from '../../src/providers/mqtt/mqtt-provider.js';
+import type { Provider } from '../../src/providers/provider.js';
+import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
+import { openStore, type Store } from '../../src/store/database.js';
+import { createOutbox } from '../../src/store/outbox.js';
+import type { Outbox, QueueLimits } from '../../src/store/outbox-types.js';
+import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
+
+const roomy: QueueLimits = {
+  maxMessages: 1_000_000,
+  maxBytes: 512 * 1024 * 1024,
+  onFull: 'drop-oldest',
+  ttlMs: 0,
+};
+
+interface Harness {
+  dir: string;
+  store: Store;
+  activity: ActivityLog;
+  outbox: Outbox;
+  logger: Logger;
+  logs: { msg: string; [k: string]: unknown }[];
+  integrationId: string;
+  prefix: string;
+  proxy: TcpProxy;
+  cleanups: (() => Promise<void> | void)[];
+}
+
+let h: Harness;
+
+async function setUp(): Promise<Harness> {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-fwd-'));
+  const logs: Harness['logs'] = [];
+  const logger = createLogger({
+    level: 'debug',
+    gatewayId: 'gw-test',
+    destination: new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const line of chunk.toString('utf8').split('\n').filter(Boolean))
+          logs.push(JSON.parse(line) as Harness['logs'][number]);
+        cb();
+      },
+    }),
+  });
+  const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
+  const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
+  const outbox = createOutbox({ db: store.db, logger, activity });
+  const proxy = await startTcpProxy(1883);
+  return {
+    dir,
+    store,
+    activity,
+    outbox,
+    logger,
+    logs,
+    integrationId: randomUUID(),
+    prefix: `gwtest/${randomUUID().slice(0, 8)}`,
+    proxy,
+    cleanups: [() => proxy.close()],
+  };
+}
+
+interface Pipeline {
+  provider: Provider;
+  supervisor: ConnectionSupervisor;
+  forwarder: Forwarder;
+}
+
+function pipeline(
+  options: {
+    settings?: Record<string, unknown>;
+    queue?: { rate?: number; inflight?: number; maxAttempts?: number };
+  } = {},
+): Pipeline {
+  const integration = configSchema.parse({
+    gateway: { id: 'gw-test' },
+    integrations: [
+      {
+        name: `upstream-${randomUUID().slice(0, 8)}`,
+        id: h.integrationId,
+        type: 'mqtt',
+        settings: {
+          url: `mqtt://127.0.0.1:${h.proxy.port}`,
+          connectTimeout: '1s',
+          outbound: [{ local: 'devices/#', remote: `${h.prefix}/{1}` }],
+          ...options.settings,
+        },
+      },
+    ],
+  }).integrations[0]!;
+  const logger = h.logger.child({ integrationId: h.integrationId });
+  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
+  const supervisor = createConnectionSupervisor({
+    provider,
+    logger,
+    activity: h.activity,
+    integrationId: h.integrationId,
+    backoff: createBackoff({ baseMs: 50, maxMs: 400 }),
+  });
+  const forwarder = createForwarder({
+    outbox: h.outbox,
+    provider,
+    supervisor,
+    integrationId: h.integrationId,
+    logger,
+    activity: h.activity,
+    queue: { rate: 0, inflight: 100, maxAttempts: 10, ...options.queue },
+  });
+  const unsubscribe = h.outbox.onEnqueue((ids) => {
+    if (ids.has(h.integrationId)) forwarder.wake();
+  });
+  h.cleanups.push(async () => {
+    unsubscribe();
+    await forwarder.stop();
+    await supervisor.stop();
+  });
+  return { provider, supervisor, forwarder };
+}
+
+/** Collects what reaches Mosquitto under the test prefix, as `device:seq` strings. */
+async function observe(): Promise<{ got: string[] }> {
+  const client = await connectAsync('mqtt://127.0.0.1:1883', {
+    clientId: `obs-${randomUUID()}`,
+    reconnectPeriod: 0,
+  });
+  h.cleanups.push(() => client.endAsync(true));
+  const got: string[] = [];
+  client.on('message', (_topic, payload) => got.push(payload.toString()));
+  await client.subscribeAsync(`${h.prefix}/#`, { qos: 1 });
+  return { got };
+}
+
+async function enqueue(deviceId: string, seq: number, payload?: Buffer): Promise<void> {
+  await h.outbox.enqueue(
+    {
+      deviceId,
+      topic: `devices/${deviceId}/telemetry`,
+      payload: payload ?? Buffer.from(`${deviceId}:${seq}`),
+      qos: 1,
+      retain: false,
+    },
+    [{ integrationId: h.integrationId, limits: roomy }],
+  );
+}
+
+async function until(check: () => boolean, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+const depth = () => h.outbox.stats(h.integrationId).depth;
+
+/** Per device: the first arrival of each seq must come in increasing order. */
+function assertPerDeviceOrder(got: string[]): void {
+  const seen = new Set<string>();
+  const last = new Map<string, number>();
+  for (const item of got) {
+    if (seen.has(item)) continue;
+    seen.add(item);
+    const [device, seqText] = item.split(':') as [string, string];
+    const seq = Number(seqText);
+    expect(seq, `${device} out of order`).toBeGreaterThan(last.get(device) ?? -1);
+    last.set(device, seq);
+  }
+}
+
+describe('rate limiter', () => {
+  it('spends a burst of one second, then paces; 0 is unlimited', () => {
+    let t = 0;
+    const limiter = createRateLimiter({ rate: 10, now: () => t });
+    const waits = Array.from({ length: 11 }, () => limiter.take());
+    expect(waits.slice(0, 10)).toEqual(Array(10).fill(0));
+    expect(waits[10]).toBe(100);
+    expect(limiter.peek()).toBe(100);
+    t += 100;
+    expect(limiter.peek()).toBe(0);
+    expect(limiter.take()).toBe(0);
+    expect(limiter.take()).toBe(100);
+
+    const slow = createRateLimiter({ rate: 0.5, now: () => t });
+    expect(slow.take()).toBe(0);
+    expect(slow.take()).toBe(2000);
+
+    const unlimited = createRateLimiter({ rate: 0, now: () => t });
+    for (let i = 0; i < 1000; i++) expect(unlimited.take()).toBe(0);
+    unlimited.setRate(1);
+    expect(unlimited.take()).toBe(0);
+    expect(unlimited.take()).toBe(1000);
+  });
+});
+
+describe('forwarder', () => {
+  afterEach(async () => {
+    for (const fn of h.cleanups.reverse()) await fn();
+    await h.outbox.close();
+    h.store.close();
+    rmSync(h.dir, { recursive: true, force: true });
+  });
+
+  it('drains 2,000 queued rows in order with the upstream down then up, losing nothing', async () => {
+    h = await setUp();
+    const obs = await observe();
+    h.proxy.setMode('refuse');
+    const { supervisor, forwarder } = pipeline();
+    supervisor.start();
+    forwarder.start();
+    for (let i = 0; i < 2000; i++) void enqueue(`d${i % 5}`, i);
+    await h.outbox.flush();
+    expect(depth()).toBe(2000);
+    await until(() => supervisor.lastError !== null);
+    expect(forwarder.delivered).toBe(0);
+    expect(depth()).toBe(2000);
+
+    h.proxy.setMode('pass');
+    // Cut the link once mid-drain: in-flight rows are resent after the reconnect.
+    await until(() => forwarder.delivered >= 600);
+    h.proxy.resetAll();
+    await until(() => depth() === 0, 30_000);
+    await until(() => new Set(obs.got).size === 2000);
+
+    expect(new Set(obs.got).size).toBe(2000);
+    const duplicates = obs.got.length - 2000;
+    expect(duplicates).toBeLessThanOrEqual(100);
+    assertPerDeviceOrder(obs.got);
+    expect(forwarder.inflight).toBe(0);
+    expect(forwarder.lastAckAt).not.toBeNull();
+    expect(supervisor.reconnects).toBeGreaterThanOrEqual(1);
+
+    await forwarder.stop();
+    const deliver = h.activity.list({
+      integrationId: h.integrationId,
+      activityType: 'deliver',
+      status: 'success',
+    });
+    expect(deliver.length).toBeGreaterThanOrEqual(1);
+    expect(deliver.reduce((n, r) => n + (r.metadata.count as number), 0)).toBe(forwarder.delivered);
+  });
+
+  it('interleaves live traffic with a backlog instead of queueing it behind', async () => {
+    h = await setUp();
+    const obs = await observe();
+    h.proxy.setMode('refuse');
+    const { supervisor, forwarder } = pipeline({ queue: { rate: 200 } });
+    supervisor.start();
+    forwarder.start();
+    for (let i = 0; i < 800; i++) void enqueue('old', i);
+    // A device with a short backlog that keeps publishing: its order must hold across the watermark.
+    for (let i = 0; i < 3; i++) void enqueue('mixed', i);
+    await h.outbox.flush();
+    h.proxy.setMode('pass');
+    await until(() => supervisor.state === 'connected');
+    for (let i = 0; i < 20; i++) {
+      await enqueue('live', i);
+      await enqueue('mixed', 3 + i);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    await until(() => depth() === 0, 30_000);
+    await until(() => new Set(obs.got).size === 843);
+    assertPerDeviceOrder(obs.got);
+
+    const lastOld = obs.got.lastIndexOf('old:799');
+    const firstLive = obs.got.indexOf('live:0');
+    expect(firstLive).toBeGreaterThanOrEqual(0);
+    // At 200/s the backlog takes about three seconds; live rows arrive while it drains.
+    expect(firstLive).toBeLessThan(lastOld);
+    expect(obs.got.filter((g) => g.startsWith('live:')).length).toBeGreaterThanOrEqual(20);
+  });
+
+  it('dead-letters a poison row and delivers the rows behind it', async () => {
+    h = await setUp();
+    const obs = await observe();
+    const { supervisor, forwarder } = pipeline({ settings: { maxPayloadSize: '1KB' } });
+    await enqueue('p', 0);
+    await enqueue('p', 1, Buffer.alloc(2048, 0x41));
+    await enqueue('p', 2);
+    await enqueue('p', 3);
+    supervisor.start();
+    forwarder.start();
+    await until(() => depth() === 0);
+    await until(() => obs.got.length === 3);
+    expect(obs.got).toEqual(['p:0', 'p:2', 'p:3']);
+    const dead = h.store.db
+      .prepare('SELECT topic, error_code AS code, attempts FROM dead_letters WHERE integration_id = ?')
+      .all(h.integrationId) as { topic: string; code: string; attempts: number }[];
+    expect(dead).toEqual([{ topic: 'devices/p/telemetry', code: 'GW_ERR_PROVIDER_TOO_LARGE', attempts: 1 }]);
+    expect(h.outbox.stats(h.integrationId).deadLettered).toBe(1);
+  });
+
+  it('dead-letters a row that used up maxAttempts on retryable failures', async () => {
+    h = await setUp();
+    const obs = await observe();
+    await enqueue('r', 0);
+    await enqueue('r', 1);
+    const [first] = h.outbox.read(h.integrationId, 0, 1);
+    for (let i = 0; i < 3; i++) h.outbox.markAttempt(h.integrationId, [first!.id]);
+    const { supervisor, forwarder } = pipeline({ queue: { maxAttempts: 3 } });
+    supervisor.start();
+    forwarder.start();
+    await until(() => depth() === 0);
+    await until(() => obs.got.length === 1);
+    expect(obs.got).toEqual(['r:1']);
+    expect(h.outbox.stats(h.integrationId).deadLetters).toBe(1);
+  });
+
+  it('recovers from a blackholed upstream link and resends what was in flight', async () => {
+    h = await setUp();
+    const obs = await observe();
+    const { supervisor, forwarder } = pipeline({ settings: { keepalive: '1s', publishTimeout: '30s' } });
+    supervisor.start();
+    forwarder.start();
+    await until(() => supervisor.state === 'connected');
+    h.proxy.setMode('blackhole');
+    for (let i = 0; i < 50; i++) await enqueue('h', i);
+    await until(() => forwarder.inflight > 0);
+    await until(() => supervisor.state !== 'connected', 8000);
+    expect(supervisor.lastError?.message).toMatch(/Keepalive timeout|connection closed/i);
+    expect(depth()).toBe(50);
+    h.proxy.setMode('pass');
+    await until(() => depth() === 0, 20_000);
+    await until(() => new Set(obs.got).size === 50);
+    assertPerDeviceOrder(obs.got);
+    expect(forwarder.delivered).toBeGreaterThanOrEqual(50);
+  });
+
+  it('stop() leaves unacknowledged rows queued', async () => {
+    h = await setUp();
+    h.proxy.setMode('refuse');
+    const { supervisor, forwarder } = pipeline();
+    supervisor.start();
+    forwarder.start();
+    for (let i = 0; i < 10; i++) await enqueue('s', i);
+    await new Promise((r) => setTimeout(r, 200));
+    await forwarder.stop();
+    await supervisor.stop();
+    expect(depth()).toBe(10);
+    expect(forwarder.delivered).toBe(0);
+  });
+});
