@@ -75,7 +75,11 @@ export async function migrateCentral(options: MigrateCentralOptions): Promise<Mi
        )`,
     );
     const done = new Map(
-      (await client.query<{ id: string; checksum: string }>('SELECT id, checksum FROM iot_gateway_migrations')).rows.map((r) => [r.id, r.checksum]),
+      (
+        await client.query<{ id: string; checksum: string }>(
+          'SELECT id, checksum FROM iot_gateway_migrations',
+        )
+      ).rows.map((r) => [r.id, r.checksum]),
     );
     const known = new Set(migrations.map((m) => m.id));
     for (const id of done.keys()) {
@@ -103,12 +107,19 @@ export async function migrateCentral(options: MigrateCentralOptions): Promise<Mi
       await client.query('BEGIN');
       try {
         await client.query(migration.sql);
-        await client.query('INSERT INTO iot_gateway_migrations (id, checksum) VALUES ($1, $2)', [migration.id, checksum]);
+        await client.query('INSERT INTO iot_gateway_migrations (id, checksum) VALUES ($1, $2)', [
+          migration.id,
+          checksum,
+        ]);
         await client.query('COMMIT');
       } catch (err) {
         await client.query('ROLLBACK').catch(() => {});
         const failure = classifyCentralError(err, `in migration ${migration.id}`);
-        throw new GatewayError(failure.error.code, `central migration ${migration.id} failed: ${failure.error.message}`, { cause: err });
+        throw new GatewayError(
+          failure.error.code,
+          `central migration ${migration.id} failed: ${failure.error.message}`,
+          { cause: err },
+        );
       }
       applied.push(migration.id);
       logger.info({ migration: migration.id }, 'central_migration_applied');
@@ -131,9 +142,10 @@ export async function migrateCentral(options: MigrateCentralOptions): Promise<Mi
  * migrating at once may race on CREATE ROLE; the loser's error is absorbed.
  */
 async function ensureRoles(client: pg.Client): Promise<void> {
-  const { rows } = await client.query<{ rolname: string }>('SELECT rolname FROM pg_roles WHERE rolname = ANY($1::name[])', [
-    Object.values(CentralRoles),
-  ]);
+  const { rows } = await client.query<{ rolname: string }>(
+    'SELECT rolname FROM pg_roles WHERE rolname = ANY($1::name[])',
+    [Object.values(CentralRoles)],
+  );
   const missing = Object.values(CentralRoles).filter((r) => !rows.some((row) => row.rolname === r));
   for (const role of missing) {
     try {
@@ -151,7 +163,10 @@ async function ensureRoles(client: pg.Client): Promise<void> {
   }
   // The owner creates the tables in schema public. In PostgreSQL 15 only the database owner may
   // create there; grant it when the migrating login can (superuser or schema owner).
-  const { rows: priv } = await client.query<{ ok: boolean }>("SELECT has_schema_privilege($1, 'public', 'CREATE') AS ok", [CentralRoles.owner]);
+  const { rows: priv } = await client.query<{ ok: boolean }>(
+    "SELECT has_schema_privilege($1, 'public', 'CREATE') AS ok",
+    [CentralRoles.owner],
+  );
   if (!priv[0]?.ok) {
     try {
       await client.query('GRANT USAGE, CREATE ON SCHEMA public TO ' + CentralRoles.owner);

@@ -272,17 +272,18 @@ export const CENTRAL_MIGRATIONS: readonly CentralMigration[] = [
       ALTER TABLE integration_sync_log ENABLE ROW LEVEL SECURITY;
       ALTER TABLE integration_sync_log FORCE ROW LEVEL SECURITY;
 
+      -- (SELECT f()) makes the lookup an InitPlan, run once per statement instead of once per row.
       CREATE POLICY owner_all ON integration_activity_log TO iot_gateway_owner USING (true) WITH CHECK (true);
       CREATE POLICY ingest_own_org ON integration_activity_log FOR INSERT TO iot_gateway_ingest
-        WITH CHECK (organization_id = iot_gateway_login_org());
+        WITH CHECK (organization_id = (SELECT iot_gateway_login_org()));
       CREATE POLICY reader_own_org ON integration_activity_log FOR SELECT TO iot_gateway_reader
-        USING (organization_id = iot_gateway_login_org());
+        USING (organization_id = (SELECT iot_gateway_login_org()));
 
       CREATE POLICY owner_all ON integration_sync_log TO iot_gateway_owner USING (true) WITH CHECK (true);
       CREATE POLICY ingest_own_org ON integration_sync_log FOR INSERT TO iot_gateway_ingest
-        WITH CHECK (organization_id = iot_gateway_login_org());
+        WITH CHECK (organization_id = (SELECT iot_gateway_login_org()));
       CREATE POLICY reader_own_org ON integration_sync_log FOR SELECT TO iot_gateway_reader
-        USING (organization_id = iot_gateway_login_org());
+        USING (organization_id = (SELECT iot_gateway_login_org()));
     `,
   },
 ];

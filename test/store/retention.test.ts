@@ -1,0 +1,67 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/logger.js';
+import { createActivityLog } from '../../src/store/activity-log.js';
+import { openStore, type Store } from '../../src/store/database.js';
+import { createRetention } from '../../src/store/retention.js';
+
+const DAY = 86_400_000;
+
+describe('local retention', () => {
+  let dir: string;
+  let store: Store;
+  afterEach(() => {
+    store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('deletes replicated rows after localReplicated and drops unreplicated ones only after localUnreplicated, counted', () => {
+    dir = mkdtempSync(join(tmpdir(), 'iot-retention-'));
+    const lines: Record<string, unknown>[] = [];
+    const logger = createLogger({
+      level: 'info',
+      gatewayId: 'gw',
+      destination: { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) },
+    });
+    store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
+    let t = Date.now() - 100 * DAY;
+    const activity = createActivityLog({ db: store.db, gatewayId: 'gw', logger, now: () => t });
+    const record = (n: number) =>
+      store.db.transaction(() => {
+        for (let i = 0; i < n; i++)
+          activity.record({ activityType: 'publish', direction: 'outgoing', status: 'success' });
+      })();
+    // 100 days ago: 1,200 replicated + 700 never replicated; 10 days ago: 300 replicated + 50 pending.
+    record(1900);
+    store.db.exec('UPDATE activity_log SET replicated_at = created_at WHERE seq <= 1200');
+    t = Date.now() - 10 * DAY;
+    record(350);
+    store.db.exec('UPDATE activity_log SET replicated_at = created_at WHERE seq > 1900 AND seq <= 2200');
+    store.db.exec("UPDATE activity_log SET replication_error = '42501: rejected' WHERE seq = 1300");
+    t = Date.now();
+
+    const retention = createRetention({
+      db: store.db,
+      retention: { localReplicated: 7 * DAY, localUnreplicated: 90 * DAY },
+      logger,
+      activity,
+      chunkSize: 250,
+    });
+    expect(retention.run()).toEqual({ deletedReplicated: 1500, droppedUnreplicated: 700 });
+    const left = store.db
+      .prepare('SELECT count(*) AS n, sum(replicated_at IS NULL) AS pending FROM activity_log')
+      .get();
+    // 50 pending of 10 days ago survive, plus the retention_dropped row.
+    expect(left).toEqual({ n: 51, pending: 51 });
+    const dropped = activity.list({ activityType: 'retention_dropped' });
+    expect(dropped).toHaveLength(1);
+    expect(dropped[0]!.metadata).toMatchObject({ droppedActivity: 700, droppedSync: 0 });
+    expect(lines.filter((l) => l.msg === 'retention_dropped_unreplicated')).toEqual([
+      expect.objectContaining({ level: 'warn', droppedActivity: 700 }),
+    ]);
+
+    expect(retention.run()).toEqual({ deletedReplicated: 0, droppedUnreplicated: 0 });
+  });
+});
