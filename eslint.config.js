@@ -12,7 +12,7 @@ export default tseslint.config(
         'error',
         {
           selector:
-            "CallExpression[callee.property.name=/^(prepare|query|exec)$/] > TemplateLiteral[expressions.length>0]",
+            'CallExpression[callee.property.name=/^(prepare|query|exec)$/] > TemplateLiteral[expressions.length>0]',
           message: 'SQL must use parameters, not template literals (identifiers only from constants).',
         },
       ],

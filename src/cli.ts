@@ -96,7 +96,8 @@ export async function main(argv: string[], io: Omit<CommandIo, 'configPath'>): P
       case 'activity':
         return activityCommand(cmdIo, values);
       case 'db':
-        if (rest[0] !== 'migrate') throw usageError('the db command has one subcommand: iot-gateway db migrate [--url URL]');
+        if (rest[0] !== 'migrate')
+          throw usageError('the db command has one subcommand: iot-gateway db migrate [--url URL]');
         return await dbMigrateCommand(cmdIo, values.url);
       case 'replicate':
         return await replicateCommand(cmdIo, values.once ?? false);
@@ -124,7 +125,8 @@ function reportError(err: unknown, io: Pick<CommandIo, 'err'>): number {
   return EXIT_FAILURE;
 }
 
-const isEntry = process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href;
+const isEntry =
+  process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href;
 if (isEntry || process.argv[1]?.endsWith('/iot-gateway')) {
   main(process.argv.slice(2), {
     out: (line) => process.stdout.write(`${line}\n`),

@@ -3,7 +3,18 @@ import { pino, type DestinationStream, type Logger, type LevelWithSilent } from 
 export type { Logger };
 
 /** Keys whose values never reach a log line, at any of the depths our objects use. */
-const SECRET_KEYS = ['password', 'passwordHash', 'key', 'apiKey', 'sasKey', 'token', 'secret', 'sharedAccessKey', 'psk', 'authorization'];
+const SECRET_KEYS = [
+  'password',
+  'passwordHash',
+  'key',
+  'apiKey',
+  'sasKey',
+  'token',
+  'secret',
+  'sharedAccessKey',
+  'psk',
+  'authorization',
+];
 const REDACT_PATHS = [
   ...SECRET_KEYS,
   ...SECRET_KEYS.map((k) => `*.${k}`),

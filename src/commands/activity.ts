@@ -1,6 +1,14 @@
 import { parseDuration } from '../config/units.js';
 import type { ActivityStatus } from '../store/activity-log.js';
-import { EXIT_OK, commandLogger, findIntegration, loadForCommand, openStoreForCommand, usageError, type CommandIo } from './common.js';
+import {
+  EXIT_OK,
+  commandLogger,
+  findIntegration,
+  loadForCommand,
+  openStoreForCommand,
+  usageError,
+  type CommandIo,
+} from './common.js';
 
 const STATUSES: ActivityStatus[] = ['started', 'success', 'failed', 'error'];
 
@@ -21,12 +29,15 @@ export function activityCommand(io: CommandIo, args: ActivityArgs): number {
   let since: number | undefined;
   if (args.since !== undefined) {
     const ms = parseDuration(args.since);
-    if (ms === undefined) throw usageError(`--since takes a duration like 30m, 1h or 7d, not "${args.since}"`);
+    if (ms === undefined)
+      throw usageError(`--since takes a duration like 30m, 1h or 7d, not "${args.since}"`);
     since = Date.now() - ms;
   }
   const limit = args.limit === undefined ? 50 : Number(args.limit);
-  if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw usageError('--limit takes a whole number from 1 to 10000');
-  const integrationId = args.integration === undefined ? undefined : findIntegration(loaded, args.integration).id;
+  if (!Number.isInteger(limit) || limit < 1 || limit > 10_000)
+    throw usageError('--limit takes a whole number from 1 to 10000');
+  const integrationId =
+    args.integration === undefined ? undefined : findIntegration(loaded, args.integration).id;
   const names = new Map(loaded.config.integrations.map((i) => [i.id, i.name]));
   const logger = commandLogger(loaded);
   const { store, activity } = openStoreForCommand(loaded, logger);
@@ -54,8 +65,11 @@ export function activityCommand(io: CommandIo, args: ActivityArgs): number {
       r.errorMessage ?? '',
     ]);
     const header = ['time', 'integration', 'activity', 'status', 'latency', 'error'];
-    const widths = header.map((h, i) => Math.min(40, Math.max(h.length, ...table.map((row) => row[i]!.length))));
-    const fmt = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ');
+    const widths = header.map((h, i) =>
+      Math.min(40, Math.max(h.length, ...table.map((row) => row[i]!.length))),
+    );
+    const fmt = (cells: string[]) =>
+      cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ');
     io.out(fmt(header));
     for (const row of table) io.out(fmt(row));
     return EXIT_OK;

@@ -2,7 +2,14 @@ import { redactUrl } from '../logger.js';
 import { migrateCentral } from '../store/central/central-migrations.js';
 import { createReplicator } from '../store/replicator.js';
 import { ErrorCodes, GatewayError } from '../errors.js';
-import { EXIT_FAILURE, EXIT_OK, commandLogger, loadForCommand, openStoreForCommand, type CommandIo } from './common.js';
+import {
+  EXIT_FAILURE,
+  EXIT_OK,
+  commandLogger,
+  loadForCommand,
+  openStoreForCommand,
+  type CommandIo,
+} from './common.js';
 
 /** `iot-gateway db migrate [--url URL]`: applies the central schema migrations (idempotent). */
 export async function dbMigrateCommand(io: CommandIo, url: string | undefined): Promise<number> {

@@ -49,8 +49,16 @@ export function findIntegration(loaded: LoadedConfig, name: string): Integration
 }
 
 /** Opens the store next to a possibly running daemon (no lock: SQLite WAL serialises writers). */
-export function openStoreForCommand(loaded: LoadedConfig, logger: Logger): { store: Store; activity: ActivityLog } {
-  const store = openStore({ dataDir: loaded.config.gateway.dataDir, logger, onCorrupt: 'refuse', lock: false });
+export function openStoreForCommand(
+  loaded: LoadedConfig,
+  logger: Logger,
+): { store: Store; activity: ActivityLog } {
+  const store = openStore({
+    dataDir: loaded.config.gateway.dataDir,
+    logger,
+    onCorrupt: 'refuse',
+    lock: false,
+  });
   const activity = createActivityLog({
     db: store.db,
     gatewayId: loaded.config.gateway.id,

@@ -3,9 +3,15 @@ import { hashPassword } from '../gateway/password-hash.js';
 import { EXIT_OK, usageError, type CommandIo } from './common.js';
 
 /** `iot-gateway hash-password`: reads a password from stdin (piped) or a hidden prompt. */
-export async function hashPasswordCommand(io: CommandIo, stdin: NodeJS.ReadStream = process.stdin): Promise<number> {
+export async function hashPasswordCommand(
+  io: CommandIo,
+  stdin: NodeJS.ReadStream = process.stdin,
+): Promise<number> {
   const password = stdin.isTTY ? await promptHidden(stdin) : await firstLine(stdin);
-  if (password.length === 0) throw usageError('no password given; pipe one in (echo -n secret | iot-gateway hash-password) or type it at the prompt');
+  if (password.length === 0)
+    throw usageError(
+      'no password given; pipe one in (echo -n secret | iot-gateway hash-password) or type it at the prompt',
+    );
   io.out(await hashPassword(password));
   return EXIT_OK;
 }

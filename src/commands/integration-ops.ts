@@ -23,7 +23,13 @@ export async function testConnectionCommand(io: CommandIo, name: string | undefi
   const { store, activity } = openStoreForCommand(loaded, logger);
   const provider = createProvider({ gatewayId: loaded.config.gateway.id, integration, logger, activity });
   try {
-    const result = await runConnectionTest({ provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) });
+    const result = await runConnectionTest({
+      provider,
+      integration,
+      activity,
+      logger,
+      signal: AbortSignal.timeout(OP_TIMEOUT_MS),
+    });
     const where = typeof result.details.url === 'string' ? redactUrl(result.details.url) : integration.type;
     if (result.ok) {
       io.out(`${integration.name}: OK in ${result.latencyMs} ms (${where})`);
@@ -39,8 +45,15 @@ export async function testConnectionCommand(io: CommandIo, name: string | undefi
 }
 
 /** `iot-gateway sync NAME [--direction import|export|both]`: counts and a sync log row. */
-export async function syncCommand(io: CommandIo, name: string | undefined, direction: string | undefined): Promise<number> {
-  if (!name) throw usageError('sync needs the integration name: iot-gateway sync NAME [--direction import|export|both]');
+export async function syncCommand(
+  io: CommandIo,
+  name: string | undefined,
+  direction: string | undefined,
+): Promise<number> {
+  if (!name)
+    throw usageError(
+      'sync needs the integration name: iot-gateway sync NAME [--direction import|export|both]',
+    );
   const dir = (direction ?? 'both') as SyncDirection;
   if (!['import', 'export', 'both'].includes(dir)) {
     throw usageError(`--direction must be import, export or both, not "${direction}"`);
@@ -51,7 +64,10 @@ export async function syncCommand(io: CommandIo, name: string | undefined, direc
   const { store, activity } = openStoreForCommand(loaded, logger);
   const provider = createProvider({ gatewayId: loaded.config.gateway.id, integration, logger, activity });
   try {
-    const outcome = await runSync({ provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) }, dir);
+    const outcome = await runSync(
+      { provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) },
+      dir,
+    );
     io.out(
       `${integration.name}: ${outcome.syncType} ${outcome.ok ? 'completed' : 'FAILED'} in ${outcome.durationMs} ms — processed ${outcome.recordsProcessed}, succeeded ${outcome.recordsSucceeded}, failed ${outcome.recordsFailed}`,
     );

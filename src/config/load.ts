@@ -26,7 +26,9 @@ export class ConfigError extends GatewayError {
 
 export function formatIssue(issue: ConfigIssue): string {
   const path = issue.path === '' ? '(root)' : issue.path;
-  return issue.line === undefined ? `${path}: ${issue.message}` : `${path}: ${issue.message} (line ${issue.line})`;
+  return issue.line === undefined
+    ? `${path}: ${issue.message}`
+    : `${path}: ${issue.message} (line ${issue.line})`;
 }
 
 export interface LoadedConfig {
@@ -60,7 +62,11 @@ export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.en
 }
 
 /** Parses and validates config text. Throws ConfigError listing every problem with its line. */
-export function parseConfigText(text: string, file: string, env: NodeJS.ProcessEnv = process.env): Readonly<Config> {
+export function parseConfigText(
+  text: string,
+  file: string,
+  env: NodeJS.ProcessEnv = process.env,
+): Readonly<Config> {
   const lineCounter = new LineCounter();
   const doc = parseDocument(text, { lineCounter, prettyErrors: true, uniqueKeys: true });
   if (doc.errors.length > 0) {
@@ -84,11 +90,16 @@ export function parseConfigText(text: string, file: string, env: NodeJS.ProcessE
     throw new ConfigError(file, zodIssues(result.error.issues, lineOf));
   }
   const config = result.data;
-  config.gateway.dataDir = isAbsolute(config.gateway.dataDir) ? config.gateway.dataDir : resolve(config.gateway.dataDir);
+  config.gateway.dataDir = isAbsolute(config.gateway.dataDir)
+    ? config.gateway.dataDir
+    : resolve(config.gateway.dataDir);
   return deepFreeze(config);
 }
 
-function zodIssues(zIssues: z.ZodIssue[], lineOf: (p: (string | number)[]) => number | undefined): ConfigIssue[] {
+function zodIssues(
+  zIssues: z.ZodIssue[],
+  lineOf: (p: (string | number)[]) => number | undefined,
+): ConfigIssue[] {
   const known = knownKeys();
   const out: ConfigIssue[] = [];
   for (const issue of zIssues) {
@@ -158,22 +169,34 @@ function resolveSecrets(
     return value.replace(ENV_REF, (_m, name: string) => {
       const v = env[name];
       if (v === undefined) {
-        issues.push({ path: formatPath(path), message: `environment variable ${name} is not set`, line: lineOf(path) });
+        issues.push({
+          path: formatPath(path),
+          message: `environment variable ${name} is not set`,
+          line: lineOf(path),
+        });
         return '';
       }
       return v;
     });
   }
-  if (Array.isArray(value)) return value.map((v, i) => resolveSecrets(v, [...path, i], env, baseDir, issues, lineOf));
+  if (Array.isArray(value))
+    return value.map((v, i) => resolveSecrets(v, [...path, i], env, baseDir, issues, lineOf));
   if (value !== null && typeof value === 'object') {
     const entries = Object.entries(value as Record<string, unknown>);
     if (entries.length === 1 && entries[0]![0] === 'file' && typeof entries[0]![1] === 'string') {
       // `{ file: "${CREDENTIALS_DIRECTORY}/pg-url" }`: the path itself may name environment variables.
-      const file = resolve(baseDir, resolveSecrets(entries[0]![1], [...path, 'file'], env, baseDir, issues, lineOf) as string);
+      const file = resolve(
+        baseDir,
+        resolveSecrets(entries[0]![1], [...path, 'file'], env, baseDir, issues, lineOf) as string,
+      );
       try {
         const st = statSync(file);
         if ((st.mode & 0o004) !== 0) {
-          issues.push({ path: formatPath(path), message: `secret file ${file} is world-readable; chmod 0600 or 0640 it`, line: lineOf(path) });
+          issues.push({
+            path: formatPath(path),
+            message: `secret file ${file} is world-readable; chmod 0600 or 0640 it`,
+            line: lineOf(path),
+          });
           return '';
         }
         return readFileSync(file, 'utf8').replace(/\r?\n$/, '');

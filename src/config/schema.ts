@@ -12,7 +12,10 @@ const duration = (fallback?: string) => {
   const base = z.union([z.string(), z.number()]).transform((v, ctx) => {
     const ms = parseDuration(v);
     if (ms === undefined) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a duration; write e.g. 500ms, 30s, 5m, 7d` });
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        message: `"${v}" is not a duration; write e.g. 500ms, 30s, 5m, 7d`,
+      });
       return z.NEVER;
     }
     return ms;
@@ -26,7 +29,10 @@ const size = (fallback: string) =>
     .transform((v, ctx) => {
       const bytes = parseSize(v);
       if (bytes === undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a size; write e.g. 256KB, 512MB, 1GB` });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          message: `"${v}" is not a size; write e.g. 256KB, 512MB, 1GB`,
+        });
         return z.NEVER;
       }
       return bytes;
@@ -38,16 +44,22 @@ const rate = z
   .transform((v, ctx) => {
     const perSecond = parseRate(v);
     if (perSecond === undefined) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a rate; write e.g. 100/s or 6000/m (0 = unlimited)` });
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        message: `"${v}" is not a rate; write e.g. 100/s or 6000/m (0 = unlimited)`,
+      });
       return z.NEVER;
     }
     return perSecond;
   })
   .default(0);
 
-const cronExpr = z.string().refine((v) => cron.validate(v), (v) => ({
-  message: `"${v}" is not a valid cron expression (five or six fields, e.g. "*/5 * * * *")`,
-}));
+const cronExpr = z.string().refine(
+  (v) => cron.validate(v),
+  (v) => ({
+    message: `"${v}" is not a valid cron expression (five or six fields, e.g. "*/5 * * * *")`,
+  }),
+);
 
 /** MQTT topic filter: no empty string, '#' only last, '+' and '#' only as a whole level. */
 export const topicFilter = z.string().superRefine((v, ctx) => {
@@ -73,7 +85,10 @@ const identifier = z
   .string()
   .min(1)
   .max(128)
-  .regex(/^[A-Za-z0-9][A-Za-z0-9._:-]*$/, 'use letters, digits, ".", "_", ":" and "-" only, starting with a letter or digit');
+  .regex(
+    /^[A-Za-z0-9][A-Za-z0-9._:-]*$/,
+    'use letters, digits, ".", "_", ":" and "-" only, starting with a letter or digit',
+  );
 
 const aclSchema = z
   .object({
@@ -97,7 +112,9 @@ const listenerSchema = z.discriminatedUnion('type', [
       requireClientCert: z.boolean().default(false),
     })
     .strict(),
-  z.object({ type: z.literal('ws'), ...listenerBase, path: z.string().startsWith('/').default('/mqtt') }).strict(),
+  z
+    .object({ type: z.literal('ws'), ...listenerBase, path: z.string().startsWith('/').default('/mqtt') })
+    .strict(),
 ]);
 
 const deviceSchema = z
@@ -138,7 +155,11 @@ const integrationSchema = z
     schedule: z.object({ sync: cronExpr.optional() }).strict().default({}),
     queue: queueSchema.default({}),
     health: z
-      .object({ degradedAfter: duration('60s'), alertFailures: z.number().int().min(1).default(5), alertWindow: duration('10m') })
+      .object({
+        degradedAfter: duration('60s'),
+        alertFailures: z.number().int().min(1).default(5),
+        alertWindow: duration('10m'),
+      })
       .strict()
       .default({}),
   })
@@ -169,7 +190,9 @@ export const configSchema = z
         organizationId: z.string().uuid('must be the UUID of the tenant in the central database').optional(),
         dataDir: z.string().min(1).default('./data'),
         log: z
-          .object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info') })
+          .object({
+            level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+          })
           .strict()
           .default({}),
         onCorruptStore: z.enum(['refuse', 'quarantine']).default('refuse'),
@@ -178,7 +201,10 @@ export const configSchema = z
       .strict(),
     broker: z
       .object({
-        listeners: z.array(listenerSchema).min(1, 'at least one listener is needed').default([{ type: 'tcp', port: 1883 }]),
+        listeners: z
+          .array(listenerSchema)
+          .min(1, 'at least one listener is needed')
+          .default([{ type: 'tcp', port: 1883 }]),
         allowAnonymous: z.boolean().default(false),
         anonymousAcl: aclSchema.default({}),
         maxPacketSize: size('256KB'),
@@ -208,7 +234,11 @@ export const configSchema = z
       .strict()
       .default({}),
     http: z
-      .object({ enabled: z.boolean().default(true), host: z.string().default('127.0.0.1'), port: z.number().int().min(0).max(65535).default(9180) })
+      .object({
+        enabled: z.boolean().default(true),
+        host: z.string().default('127.0.0.1'),
+        port: z.number().int().min(0).max(65535).default(9180),
+      })
       .strict()
       .default({}),
     features: z
@@ -226,12 +256,20 @@ export const configSchema = z
     cfg.integrations.forEach((integration, i) => {
       const prevName = names.get(integration.name);
       if (prevName !== undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['integrations', i, 'name'], message: `duplicate integration name "${integration.name}" (also integrations[${prevName}])` });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['integrations', i, 'name'],
+          message: `duplicate integration name "${integration.name}" (also integrations[${prevName}])`,
+        });
       }
       names.set(integration.name, i);
       const prevId = ids.get(integration.id);
       if (prevId !== undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['integrations', i, 'id'], message: `duplicate integration id (also integrations[${prevId}])` });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['integrations', i, 'id'],
+          message: `duplicate integration id (also integrations[${prevId}])`,
+        });
       }
       ids.set(integration.id, i);
     });
@@ -239,35 +277,59 @@ export const configSchema = z
     cfg.broker.devices.forEach((device, i) => {
       const prev = devices.get(device.id);
       if (prev !== undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['broker', 'devices', i, 'id'], message: `duplicate device id "${device.id}" (also broker.devices[${prev}])` });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['broker', 'devices', i, 'id'],
+          message: `duplicate device id "${device.id}" (also broker.devices[${prev}])`,
+        });
       }
       devices.set(device.id, i);
-      if (device.passwordHash === undefined && !cfg.broker.listeners.some((l) => l.type === 'tls' && l.requireClientCert)) {
+      if (
+        device.passwordHash === undefined &&
+        !cfg.broker.listeners.some((l) => l.type === 'tls' && l.requireClientCert)
+      ) {
         ctx.addIssue({
           code: z.ZodIssueCode.custom,
           path: ['broker', 'devices', i, 'passwordHash'],
-          message: 'a device needs a passwordHash (from `iot-gateway hash-password`) unless a TLS listener has requireClientCert',
+          message:
+            'a device needs a passwordHash (from `iot-gateway hash-password`) unless a TLS listener has requireClientCert',
         });
       }
     });
     const ports = new Map<string, number>();
     cfg.broker.listeners.forEach((l, i) => {
       if (l.type === 'tls' && l.requireClientCert && l.ca === undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['broker', 'listeners', i, 'ca'], message: 'requireClientCert needs `ca`: the CA that signs the device certificates' });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['broker', 'listeners', i, 'ca'],
+          message: 'requireClientCert needs `ca`: the CA that signs the device certificates',
+        });
       }
       if (l.port === 0) return;
       const key = `${l.host}:${l.port}`;
       const prev = ports.get(key);
       if (prev !== undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['broker', 'listeners', i, 'port'], message: `port ${l.port} is used twice (also broker.listeners[${prev}])` });
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['broker', 'listeners', i, 'port'],
+          message: `port ${l.port} is used twice (also broker.listeners[${prev}])`,
+        });
       }
       ports.set(key, i);
     });
     if (cfg.central !== undefined && cfg.gateway.organizationId === undefined) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['gateway', 'organizationId'], message: 'central replication needs gateway.organizationId (the tenant UUID)' });
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['gateway', 'organizationId'],
+        message: 'central replication needs gateway.organizationId (the tenant UUID)',
+      });
     }
     if (cfg.retention.localUnreplicated < cfg.retention.localReplicated) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['retention', 'localUnreplicated'], message: 'must be at least retention.localReplicated' });
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['retention', 'localUnreplicated'],
+        message: 'must be at least retention.localReplicated',
+      });
     }
   });
 

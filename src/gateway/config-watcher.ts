@@ -7,7 +7,12 @@ import type { Logger } from '../logger.js';
  * rename it over (so the directory is watched, not the inode). Bursts of events are debounced
  * into one reload.
  */
-export function watchConfigFile(options: { file: string; logger: Logger; onChange: () => void; debounceMs?: number }): () => void {
+export function watchConfigFile(options: {
+  file: string;
+  logger: Logger;
+  onChange: () => void;
+  debounceMs?: number;
+}): () => void {
   const name = basename(options.file);
   const debounceMs = options.debounceMs ?? 250;
   let timer: NodeJS.Timeout | undefined;

@@ -27,7 +27,13 @@ export function watchFailures(options: {
     if (failures < alertFailures) return;
     lastAlert.set(integration.id, t);
     options.logger.warn(
-      { integrationId: integration.id, integration: integration.name, failures, windowMs: alertWindow, lastError: row.errorMessage },
+      {
+        integrationId: integration.id,
+        integration: integration.name,
+        failures,
+        windowMs: alertWindow,
+        lastError: row.errorMessage,
+      },
       'integration_failing',
     );
     options.activity.record({

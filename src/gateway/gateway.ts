@@ -103,12 +103,28 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   function startIntegration(integration: IntegrationConfig): void {
     const started = requireStarted();
-    const log = logger.child({ component: 'integration', integrationId: integration.id, integration: integration.name });
-    const provider = createProvider({ gatewayId: config.gateway.id, integration, logger: log, activity: started.activity });
-    provider.onCommand((message) => {
-      started.broker.publish(message).catch((err: unknown) => log.error({ err, topic: message.topic }, 'inbound_publish_failed'));
+    const log = logger.child({
+      component: 'integration',
+      integrationId: integration.id,
+      integration: integration.name,
     });
-    const supervisor = createConnectionSupervisor({ provider, logger: log, activity: started.activity, integrationId: integration.id });
+    const provider = createProvider({
+      gatewayId: config.gateway.id,
+      integration,
+      logger: log,
+      activity: started.activity,
+    });
+    provider.onCommand((message) => {
+      started.broker
+        .publish(message)
+        .catch((err: unknown) => log.error({ err, topic: message.topic }, 'inbound_publish_failed'));
+    });
+    const supervisor = createConnectionSupervisor({
+      provider,
+      logger: log,
+      activity: started.activity,
+      integrationId: integration.id,
+    });
     const forwarder = createForwarder({
       outbox: started.outbox,
       provider,
@@ -116,16 +132,31 @@ export function createGateway(options: GatewayOptions): Gateway {
       integrationId: integration.id,
       logger: log,
       activity: started.activity,
-      queue: { rate: integration.queue.rate, inflight: integration.queue.inflight, maxAttempts: integration.queue.maxAttempts },
+      queue: {
+        rate: integration.queue.rate,
+        inflight: integration.queue.inflight,
+        maxAttempts: integration.queue.maxAttempts,
+      },
     });
     const abort = new AbortController();
-    const runtime: IntegrationRuntime = { config: integration, provider, supervisor, forwarder, syncJob: undefined, abort };
+    const runtime: IntegrationRuntime = {
+      config: integration,
+      provider,
+      supervisor,
+      forwarder,
+      syncJob: undefined,
+      abort,
+    };
     if (integration.schedule.sync) {
       runtime.syncJob = scheduleJob({
         name: `sync:${integration.name}`,
         cron: integration.schedule.sync,
         logger: log,
-        job: () => runSync({ provider, integration, activity: started.activity, logger: log, signal: abort.signal }, 'both'),
+        job: () =>
+          runSync(
+            { provider, integration, activity: started.activity, logger: log, signal: abort.signal },
+            'both',
+          ),
       });
     }
     integrations.set(integration.id, runtime);
@@ -141,13 +172,21 @@ export function createGateway(options: GatewayOptions): Gateway {
     // Forwarder first: it stops taking rows; unacknowledged rows stay queued for the next start.
     await runtime.forwarder.stop();
     await runtime.supervisor.stop();
-    logger.info({ integrationId: runtime.config.id, integration: runtime.config.name }, 'integration_stopped');
+    logger.info(
+      { integrationId: runtime.config.id, integration: runtime.config.name },
+      'integration_stopped',
+    );
   }
 
   function scheduleRetention(): void {
     if (!store || !activity) return;
     retentionJob?.stop();
-    const retention = createRetention({ db: store.db, retention: config.retention, logger: logger.child({ component: 'retention' }), activity });
+    const retention = createRetention({
+      db: store.db,
+      retention: config.retention,
+      logger: logger.child({ component: 'retention' }),
+      activity,
+    });
     retentionJob = scheduleJob({
       name: 'retention',
       cron: config.retention.schedule,
@@ -244,7 +283,11 @@ export function createGateway(options: GatewayOptions): Gateway {
         messagesIn: broker?.stats.messagesIn ?? 0,
         authFailures: broker?.stats.authFailures ?? 0,
       },
-      store: { file: store?.file ?? '', writable: storeWritable(), writeFailures: activity?.writeFailures ?? 0 },
+      store: {
+        file: store?.file ?? '',
+        writable: storeWritable(),
+        writeFailures: activity?.writeFailures ?? 0,
+      },
       integrations: config.integrations.map(integrationStatus),
       replication: replicator?.status() ?? disabledReplication,
       config: { file: configFile, loadedAt: configLoadedAt, lastError: lastConfigError, pendingRestart },
@@ -258,8 +301,18 @@ export function createGateway(options: GatewayOptions): Gateway {
       if (signal?.aborted) throw new Error('start aborted');
     };
     try {
-      store = openStore({ dataDir: config.gateway.dataDir, logger, onCorrupt: config.gateway.onCorruptStore, lock: true });
-      activity = createActivityLog({ db: store.db, gatewayId: config.gateway.id, organizationId: config.gateway.organizationId, logger });
+      store = openStore({
+        dataDir: config.gateway.dataDir,
+        logger,
+        onCorrupt: config.gateway.onCorruptStore,
+        lock: true,
+      });
+      activity = createActivityLog({
+        db: store.db,
+        gatewayId: config.gateway.id,
+        organizationId: config.gateway.organizationId,
+        logger,
+      });
       if (store.quarantinedTo) {
         activity.record({
           activityType: 'store_quarantined',
@@ -272,7 +325,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       }
       checkAbort();
       outbox = createOutbox({ db: store.db, logger: logger.child({ component: 'outbox' }), activity });
-      ingest = createIngest({ outbox, logger: logger.child({ component: 'ingest' }), integrations: config.integrations });
+      ingest = createIngest({
+        outbox,
+        logger: logger.child({ component: 'ingest' }),
+        integrations: config.integrations,
+      });
       const ingestRef = ingest;
       broker = createBroker({
         config: config.broker,
@@ -337,7 +394,10 @@ export function createGateway(options: GatewayOptions): Gateway {
         status: 'success',
         metadata: { version: VERSION, pid: process.pid, listeners: boundListeners },
       });
-      logger.info({ listeners: boundListeners, http: httpAddress, version: VERSION, dataDir: config.gateway.dataDir }, 'gateway_ready');
+      logger.info(
+        { listeners: boundListeners, http: httpAddress, version: VERSION, dataDir: config.gateway.dataDir },
+        'gateway_ready',
+      );
       notifier.ready(`${boundListeners.length} listener(s), ${integrations.size} integration(s)`);
       // Liveness, not readiness: a full disk must not make systemd restart us in a loop; the pings
       // themselves stop when the event loop is blocked.
@@ -378,7 +438,12 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('alerts', () => stopAlerts?.());
     await step('outbox', () => outbox?.close());
     await step('activity', () =>
-      activity?.record({ activityType: 'gateway_stopped', direction: 'internal', status: 'success', metadata: { reason } }),
+      activity?.record({
+        activityType: 'gateway_stopped',
+        direction: 'internal',
+        status: 'success',
+        metadata: { reason },
+      }),
     );
     await step('store', () => store?.close());
     notifier.close();
@@ -389,9 +454,30 @@ export function createGateway(options: GatewayOptions): Gateway {
   async function applyConfig(next: Readonly<Config>): Promise<{ changed: string[]; restart: string[] }> {
     const prev = config;
     const changed = diffPaths(prev, next);
-    const restart = changed.filter((p) => RESTART_REQUIRED_KEYS.some((k) => p === k || p.startsWith(`${k}.`) || p.startsWith(`${k}[`)));
+    const restart = changed.filter((p) =>
+      RESTART_REQUIRED_KEYS.some((k) => p === k || p.startsWith(`${k}.`) || p.startsWith(`${k}[`)),
+    );
     // Keys that need a restart keep their running values; the rest applies now.
-    config = Object.freeze({ ...next, gateway: { ...next.gateway, id: prev.gateway.id, dataDir: prev.gateway.dataDir, organizationId: prev.gateway.organizationId, onCorruptStore: prev.gateway.onCorruptStore }, http: prev.http, features: prev.features, broker: { ...next.broker, listeners: prev.broker.listeners, maxPacketSize: prev.broker.maxPacketSize, maxConnections: prev.broker.maxConnections, connectTimeout: prev.broker.connectTimeout, keepaliveLimit: prev.broker.keepaliveLimit } });
+    config = Object.freeze({
+      ...next,
+      gateway: {
+        ...next.gateway,
+        id: prev.gateway.id,
+        dataDir: prev.gateway.dataDir,
+        organizationId: prev.gateway.organizationId,
+        onCorruptStore: prev.gateway.onCorruptStore,
+      },
+      http: prev.http,
+      features: prev.features,
+      broker: {
+        ...next.broker,
+        listeners: prev.broker.listeners,
+        maxPacketSize: prev.broker.maxPacketSize,
+        maxConnections: prev.broker.maxConnections,
+        connectTimeout: prev.broker.connectTimeout,
+        keepaliveLimit: prev.broker.keepaliveLimit,
+      },
+    });
     if (next.gateway.log.level !== prev.gateway.log.level) options.setLogLevel?.(next.gateway.log.level);
     if (changed.some((p) => p.startsWith('broker.'))) broker?.updateConfig(config.broker);
     ingest?.setIntegrations(config.integrations);
@@ -404,7 +490,11 @@ export function createGateway(options: GatewayOptions): Gateway {
         await stopIntegration(runtime);
         startIntegration(wanted);
       } else if (JSON.stringify(runtime.config) !== JSON.stringify(wanted)) {
-        runtime.forwarder.setLimits({ rate: wanted.queue.rate, inflight: wanted.queue.inflight, maxAttempts: wanted.queue.maxAttempts });
+        runtime.forwarder.setLimits({
+          rate: wanted.queue.rate,
+          inflight: wanted.queue.inflight,
+          maxAttempts: wanted.queue.maxAttempts,
+        });
         if (JSON.stringify(runtime.config.schedule) !== JSON.stringify(wanted.schedule)) {
           runtime.syncJob?.stop();
           runtime.syncJob = undefined;
@@ -416,7 +506,11 @@ export function createGateway(options: GatewayOptions): Gateway {
               name: `sync:${wanted.name}`,
               cron: wanted.schedule.sync,
               logger: log,
-              job: () => runSync({ provider, integration: wanted, activity: act, logger: log, signal: abort.signal }, 'both'),
+              job: () =>
+                runSync(
+                  { provider, integration: wanted, activity: act, logger: log, signal: abort.signal },
+                  'both',
+                ),
             });
           }
         }
@@ -493,11 +587,26 @@ export function createGateway(options: GatewayOptions): Gateway {
     status,
     testConnection(name) {
       const runtime = runtimeOf(name);
-      return runConnectionTest({ provider: runtime.provider, integration: runtime.config, activity: requireStarted().activity, logger, signal: runtime.abort.signal });
+      return runConnectionTest({
+        provider: runtime.provider,
+        integration: runtime.config,
+        activity: requireStarted().activity,
+        logger,
+        signal: runtime.abort.signal,
+      });
     },
     sync(name, direction) {
       const runtime = runtimeOf(name);
-      return runSync({ provider: runtime.provider, integration: runtime.config, activity: requireStarted().activity, logger, signal: runtime.abort.signal }, direction);
+      return runSync(
+        {
+          provider: runtime.provider,
+          integration: runtime.config,
+          activity: requireStarted().activity,
+          logger,
+          signal: runtime.abort.signal,
+        },
+        direction,
+      );
     },
   };
 }
@@ -518,7 +627,11 @@ export function diffPaths(a: unknown, b: unknown, path = ''): string[] {
   if (isObj(a) && isObj(b)) {
     const keys = new Set([...Object.keys(a as object), ...Object.keys(b as object)]);
     return [...keys].flatMap((k) =>
-      diffPaths((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], path ? `${path}.${k}` : k),
+      diffPaths(
+        (a as Record<string, unknown>)[k],
+        (b as Record<string, unknown>)[k],
+        path ? `${path}.${k}` : k,
+      ),
     );
   }
   return [path];

@@ -28,7 +28,9 @@ export interface SyncOutcome extends SyncResult {
  * Runs one connection test, logs `test_connection_started/_completed/_failed` and records a
  * `test_connection` activity row. Shared by the daemon and `iot-gateway test-connection`.
  */
-export async function runConnectionTest(ctx: OperationContext): Promise<ConnectionTestResult & { requestId: string }> {
+export async function runConnectionTest(
+  ctx: OperationContext,
+): Promise<ConnectionTestResult & { requestId: string }> {
   const requestId = randomUUID();
   const log = ctx.logger.child({ requestId });
   const now = ctx.now ?? Date.now;
@@ -117,5 +119,12 @@ export async function runSync(ctx: OperationContext, direction: SyncDirection): 
   const fields = { durationMs: completedAt - startedAt, ...result };
   if (error) log.warn({ ...fields, error }, `${operation}_failed`);
   else log.info(fields, `${operation}_completed`);
-  return { ...result, ok: !error, syncType, requestId, durationMs: completedAt - startedAt, ...(error ? { error } : {}) };
+  return {
+    ...result,
+    ok: !error,
+    syncType,
+    requestId,
+    durationMs: completedAt - startedAt,
+    ...(error ? { error } : {}),
+  };
 }

@@ -11,7 +11,12 @@ export interface ScheduledJob {
  * Runs `job` on a cron expression; a run never overlaps itself (a tick that finds the previous
  * run still going is skipped and logged). Errors are logged, never thrown into node-cron.
  */
-export function scheduleJob(options: { name: string; cron: string; logger: Logger; job: () => Promise<unknown> }): ScheduledJob {
+export function scheduleJob(options: {
+  name: string;
+  cron: string;
+  logger: Logger;
+  job: () => Promise<unknown>;
+}): ScheduledJob {
   let running = false;
   const task = cron.schedule(options.cron, () => {
     if (running) {

@@ -65,7 +65,11 @@ export interface GatewayStatusSnapshot {
   config: {
     file: string;
     loadedAt: number;
-    lastError: { message: string; issues: { path: string; message: string; line?: number }[]; at: number } | null;
+    lastError: {
+      message: string;
+      issues: { path: string; message: string; line?: number }[];
+      at: number;
+    } | null;
     pendingRestart: string[];
   };
 }

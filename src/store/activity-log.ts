@@ -182,7 +182,9 @@ export function createActivityLog(options: ActivityLogOptions): ActivityLog {
       params.push(Math.min(Math.max(filter.limit ?? 50, 1), 10_000));
       // The WHERE clause is assembled from the constant fragments above only; values are parameters.
       const sql =
-        'SELECT * FROM activity_log' + (where.length ? ' WHERE ' + where.join(' AND ') : '') + ' ORDER BY seq DESC LIMIT ?';
+        'SELECT * FROM activity_log' +
+        (where.length ? ' WHERE ' + where.join(' AND ') : '') +
+        ' ORDER BY seq DESC LIMIT ?';
       return (db.prepare(sql).all(...params) as Record<string, unknown>[]).map(toActivityRow);
     },
     countFailures(integrationId, since) {

@@ -1,5 +1,14 @@
 import Database from 'better-sqlite3';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -72,7 +81,9 @@ export function openStore(options: OpenStoreOptions): Store {
   } catch (err) {
     releaseLock();
     if (err instanceof GatewayError) throw err;
-    throw new GatewayError(ErrorCodes.STORE_OPEN, `cannot open the store ${file}: ${errorMessage(err)}`, { cause: err });
+    throw new GatewayError(ErrorCodes.STORE_OPEN, `cannot open the store ${file}: ${errorMessage(err)}`, {
+      cause: err,
+    });
   }
 
   let closed = false;
@@ -112,7 +123,8 @@ function openChecked(file: string): SqliteDatabase {
       );
     }
     const check = db.pragma('quick_check', { simple: true });
-    if (check !== 'ok') throw Object.assign(new Error(`quick_check: ${String(check)}`), { code: 'SQLITE_CORRUPT' });
+    if (check !== 'ok')
+      throw Object.assign(new Error(`quick_check: ${String(check)}`), { code: 'SQLITE_CORRUPT' });
     migrate(db);
     return db;
   } catch (err) {
@@ -179,7 +191,10 @@ function takeLock(dataDir: string): () => void {
       }
     }
   }
-  throw new GatewayError(ErrorCodes.STORE_LOCKED, `another iot-gateway is starting on ${dataDir}; stop it first`);
+  throw new GatewayError(
+    ErrorCodes.STORE_LOCKED,
+    `another iot-gateway is starting on ${dataDir}; stop it first`,
+  );
 }
 
 function readFileSafe(path: string): string {

@@ -36,10 +36,14 @@ describe('iot-gateway CLI', () => {
   });
 
   it('check-config lists every problem as path: message (line N), exit 1', () => {
-    const file = tempConfig('gateway:\n  id: gw\n  dataDir: DATADIR\nbroker:\n  maxConections: 5\n  maxPacketSize: big\n');
+    const file = tempConfig(
+      'gateway:\n  id: gw\n  dataDir: DATADIR\nbroker:\n  maxConections: 5\n  maxPacketSize: big\n',
+    );
     const r = cli(['check-config', '-c', file]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toContain('broker.maxConections: unknown key "maxConections"; did you mean "maxConnections"? (line 5)');
+    expect(r.stderr).toContain(
+      'broker.maxConections: unknown key "maxConections"; did you mean "maxConnections"? (line 5)',
+    );
     expect(r.stderr).toMatch(/broker\.maxPacketSize: "big" is not a size.*\(line 6\)/);
     expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
     expect(cli(['check-config', '-c', 'config/gateway.yaml']).code).toBe(0);
@@ -53,10 +57,15 @@ describe('iot-gateway CLI', () => {
   });
 
   it('run on a port in use (Mosquitto holds 1883) says which port and key to change, exit 2, no stack', () => {
-    const file = tempConfig('gateway: { id: gw, dataDir: DATADIR }\nbroker:\n  listeners: [{ type: tcp, host: 127.0.0.1, port: 1883 }]\nhttp: { enabled: false }\n');
+    const file = tempConfig(
+      'gateway: { id: gw, dataDir: DATADIR }\nbroker:\n  listeners: [{ type: tcp, host: 127.0.0.1, port: 1883 }]\nhttp: { enabled: false }\n',
+    );
     const r = cli(['run', '-c', file]);
     expect(r.code).toBe(2);
-    const sentence = r.stderr.trim().split('\n').filter((l) => l.startsWith('error:'));
+    const sentence = r.stderr
+      .trim()
+      .split('\n')
+      .filter((l) => l.startsWith('error:'));
     expect(sentence).toHaveLength(1);
     expect(sentence[0]).toMatch(/1883/);
     expect(sentence[0]).toMatch(/broker\.listeners\[0\]\.port/);
@@ -77,7 +86,10 @@ describe('iot-gateway CLI', () => {
     const ok = cli(['test-connection', 'up', '-c', good]);
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/up: OK in \d+ ms/);
-    const rows = cli(['activity', '--json', '-c', good]).stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const rows = cli(['activity', '--json', '-c', good])
+      .stdout.trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(rows[0]).toMatchObject({ activityType: 'test_connection', status: 'success' });
 
     const bad = tempConfig(body('mqtt://127.0.0.1:9'));
@@ -100,36 +112,47 @@ describe('iot-gateway CLI', () => {
     expect(r.stderr).toMatch(/not answering/);
   });
 
-  it('runs the daemon: a device publishes, the message reaches Mosquitto, SIGTERM exits 0', { timeout: 60_000 }, async () => {
-    const prefix = `cli-${randomUUID().slice(0, 8)}`;
-    const port = await freePort();
-    const httpPort = await freePort();
-    const hash = await hashPassword('pw');
-    const file = tempConfig(
-      [
-        'gateway: { id: gw-cli, dataDir: DATADIR }',
-        `broker: { listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }], devices: [{ id: d1, passwordHash: "${hash}" }] }`,
-        `integrations: [{ name: up, id: ${randomUUID()}, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883", outbound: [{ local: "#", remote: "${prefix}/{topic}" }] }, routes: [{ from: "devices/+/telemetry" }] }]`,
-        `http: { host: 127.0.0.1, port: ${httpPort} }`,
-      ].join('\n'),
-    );
-    const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', { reconnectPeriod: 0 });
-    await observer.subscribeAsync(`${prefix}/#`, { qos: 1 });
-    const arrived = new Promise<string>((resolve) => observer.on('message', (topic, payload) => resolve(`${topic} ${payload.toString()}`)));
-    const daemon = startDaemon(file);
-    try {
-      await daemon.ready;
-      const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'd1', username: 'd1', password: 'pw', reconnectPeriod: 0 });
-      await device.publishAsync('devices/d1/telemetry', '{"t":21.5}', { qos: 1 });
-      expect(await arrived).toBe(`${prefix}/devices/d1/telemetry {"t":21.5}`);
-      await device.endAsync();
-      const status = cli(['status', '-c', file]);
-      expect(status.code, status.stderr).toBe(0);
-      expect(status.stdout).toMatch(/up/);
-    } finally {
-      await observer.endAsync();
-      expect(await daemon.stop('SIGTERM')).toBe(0);
-    }
-    expect(daemon.lines.map((l) => l.msg)).toContain('gateway_stopped');
-  });
+  it(
+    'runs the daemon: a device publishes, the message reaches Mosquitto, SIGTERM exits 0',
+    { timeout: 60_000 },
+    async () => {
+      const prefix = `cli-${randomUUID().slice(0, 8)}`;
+      const port = await freePort();
+      const httpPort = await freePort();
+      const hash = await hashPassword('pw');
+      const file = tempConfig(
+        [
+          'gateway: { id: gw-cli, dataDir: DATADIR }',
+          `broker: { listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }], devices: [{ id: d1, passwordHash: "${hash}" }] }`,
+          `integrations: [{ name: up, id: ${randomUUID()}, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883", outbound: [{ local: "#", remote: "${prefix}/{topic}" }] }, routes: [{ from: "devices/+/telemetry" }] }]`,
+          `http: { host: 127.0.0.1, port: ${httpPort} }`,
+        ].join('\n'),
+      );
+      const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', { reconnectPeriod: 0 });
+      await observer.subscribeAsync(`${prefix}/#`, { qos: 1 });
+      const arrived = new Promise<string>((resolve) =>
+        observer.on('message', (topic, payload) => resolve(`${topic} ${payload.toString()}`)),
+      );
+      const daemon = startDaemon(file);
+      try {
+        await daemon.ready;
+        const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+          clientId: 'd1',
+          username: 'd1',
+          password: 'pw',
+          reconnectPeriod: 0,
+        });
+        await device.publishAsync('devices/d1/telemetry', '{"t":21.5}', { qos: 1 });
+        expect(await arrived).toBe(`${prefix}/devices/d1/telemetry {"t":21.5}`);
+        await device.endAsync();
+        const status = cli(['status', '-c', file]);
+        expect(status.code, status.stderr).toBe(0);
+        expect(status.stdout).toMatch(/up/);
+      } finally {
+        await observer.endAsync();
+        expect(await daemon.stop('SIGTERM')).toBe(0);
+      }
+      expect(daemon.lines.map((l) => l.msg)).toContain('gateway_stopped');
+    },
+  );
 });

@@ -91,8 +91,12 @@ describe('config loading', () => {
       '  - { name: a, id: 1b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883" } }',
     ].join('\n');
     const messages = issuesOf(text).map((i) => `${i.path}: ${i.message} (line ${i.line})`);
-    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[1\]\.name: duplicate integration name "a" .*\(line 7\)/));
-    expect(messages).toContainEqual(expect.stringMatching(/^broker\.devices\[0\]\.passwordHash: a device needs a passwordHash/));
+    expect(messages).toContainEqual(
+      expect.stringMatching(/^integrations\[1\]\.name: duplicate integration name "a" .*\(line 7\)/),
+    );
+    expect(messages).toContainEqual(
+      expect.stringMatching(/^broker\.devices\[0\]\.passwordHash: a device needs a passwordHash/),
+    );
   });
 
   it('refuses unknown and unavailable provider types', () => {
@@ -104,7 +108,9 @@ describe('config loading', () => {
     ].join('\n');
     const messages = issuesOf(text).map((i) => `${i.path}: ${i.message}`);
     expect(messages).toContainEqual(expect.stringMatching(/^integrations\[0\]\.type: .*mqtt/));
-    expect(messages).toContainEqual(expect.stringMatching(/^integrations\[1\]\.type: the aws-iot provider is not available/));
+    expect(messages).toContainEqual(
+      expect.stringMatching(/^integrations\[1\]\.type: the aws-iot provider is not available/),
+    );
   });
 
   it('validates provider settings with their own paths', () => {
@@ -122,7 +128,9 @@ describe('config loading', () => {
     const paths = issues.map((i) => i.path);
     expect(paths).toContain('integrations[0].settings.url');
     expect(paths).toContain('integrations[0].settings.keepAlive');
-    expect(issues.find((i) => i.path === 'integrations[0].settings.keepAlive')?.message).toContain('did you mean "keepalive"');
+    expect(issues.find((i) => i.path === 'integrations[0].settings.keepAlive')?.message).toContain(
+      'did you mean "keepalive"',
+    );
     expect(issues.find((i) => i.path === 'integrations[0].settings.url')?.line).toBe(7);
   });
 
@@ -141,9 +149,16 @@ describe('config loading', () => {
       `      password: { file: ${secret} }`,
     ].join('\n');
     const config = parseConfigText(text, join(dir, 'gw.yaml'), { UP_HOST: '127.0.0.1' });
-    expect(config.integrations[0]!.settings).toMatchObject({ url: 'mqtt://127.0.0.1:1883', password: 's3cret' });
+    expect(config.integrations[0]!.settings).toMatchObject({
+      url: 'mqtt://127.0.0.1:1883',
+      password: 's3cret',
+    });
 
-    expect(issuesOf(text, {})[0]).toMatchObject({ path: 'integrations[0].settings.url', message: 'environment variable UP_HOST is not set', line: 7 });
+    expect(issuesOf(text, {})[0]).toMatchObject({
+      path: 'integrations[0].settings.url',
+      message: 'environment variable UP_HOST is not set',
+      line: 7,
+    });
 
     chmodSync(secret, 0o644);
     const issues = issuesOf(text, { UP_HOST: '127.0.0.1' });
@@ -151,7 +166,9 @@ describe('config loading', () => {
   });
 
   it('explains a missing file', () => {
-    expect(() => loadConfigFile('/nonexistent/gw.yaml')).toThrow(/does not exist; copy config\/gateway.example.yaml/);
+    expect(() => loadConfigFile('/nonexistent/gw.yaml')).toThrow(
+      /does not exist; copy config\/gateway.example.yaml/,
+    );
   });
 
   it('accepts the shipped example and quick-start configs', () => {

@@ -44,7 +44,12 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     const password = 'pw-kill9';
     const hash = await hashPassword(password);
     const port = await freePort();
-    const devices: DeviceRun[] = Array.from({ length: DEVICES }, (_, i) => ({ id: `dev-${i}`, next: 0, acked: new Set(), client: undefined }));
+    const devices: DeviceRun[] = Array.from({ length: DEVICES }, (_, i) => ({
+      id: `dev-${i}`,
+      next: 0,
+      acked: new Set(),
+      client: undefined,
+    }));
     const configFile = join(dir, 'gateway.yaml');
     writeFileSync(
       configFile,
@@ -70,7 +75,10 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
 
     // Observe the upstream directly on Mosquitto.
     const received = new Map<string, number[]>();
-    const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', { clientId: `obs-${prefix}`, reconnectPeriod: 1000 });
+    const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', {
+      clientId: `obs-${prefix}`,
+      reconnectPeriod: 1000,
+    });
     cleanup.push(() => observer.endAsync(true));
     observer.on('message', (_topic, payload) => {
       const { d, seq } = JSON.parse(payload.toString()) as { d: string; seq: number };
@@ -112,7 +120,11 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
         inflight.add(p);
         if (inflight.size >= WINDOW) await Promise.race([...inflight, closed]);
       }
-      await Promise.race([Promise.allSettled([...inflight]), closed, new Promise((r) => setTimeout(r, 3000))]);
+      await Promise.race([
+        Promise.allSettled([...inflight]),
+        closed,
+        new Promise((r) => setTimeout(r, 3000)),
+      ]);
     };
 
     const perPhase = Math.ceil(PER_DEVICE / (KILLS + 1));
@@ -124,7 +136,9 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
         // Kill mid-burst: once a fraction of this phase is acknowledged, without warning.
         const phaseStart = phase * perPhase;
         await waitFor(() => devices.every((d) => d.acked.size >= phaseStart + perPhase / 3), 60_000);
-        console.log(`kill9: phase ${phase}, acknowledged ${devices.map((d) => d.acked.size).join('/')}, SIGKILL`);
+        console.log(
+          `kill9: phase ${phase}, acknowledged ${devices.map((d) => d.acked.size).join('/')}, SIGKILL`,
+        );
         daemon.proc.kill('SIGKILL');
         await daemon.exited;
         await pumping;
@@ -153,7 +167,8 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     await daemon.exited;
     daemon = startDaemon(configFile);
     await daemon.ready;
-    const allDelivered = () => devices.every((d) => [...d.acked].every((s) => (received.get(d.id) ?? []).includes(s)));
+    const allDelivered = () =>
+      devices.every((d) => [...d.acked].every((s) => (received.get(d.id) ?? []).includes(s)));
     await waitFor(allDelivered, 120_000).catch(() => {});
 
     let duplicates = 0;

@@ -10,9 +10,17 @@ import { openStore } from '../../src/store/database.js';
 
 describe('alerts on repeated failures', () => {
   it('records one alert row and a warn line after N failures within the window, then stays quiet', () => {
-    const store = openStore({ dataDir: mkdtempSync(join(tmpdir(), 'gw-alert-')), logger: pino({ level: 'silent' }), onCorrupt: 'refuse', lock: false });
+    const store = openStore({
+      dataDir: mkdtempSync(join(tmpdir(), 'gw-alert-')),
+      logger: pino({ level: 'silent' }),
+      onCorrupt: 'refuse',
+      lock: false,
+    });
     const lines: Record<string, unknown>[] = [];
-    const logger = pino({ level: 'info' }, { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) });
+    const logger = pino(
+      { level: 'info' },
+      { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) },
+    );
     let t = 1_000_000;
     const now = () => t;
     const activity = createActivityLog({ db: store.db, gatewayId: 'gw', logger, now });
@@ -31,14 +39,25 @@ describe('alerts on repeated failures', () => {
     );
     const stop = watchFailures({ activity, logger, integrations: () => config.integrations, now });
     const fail = () =>
-      activity.record({ integrationId: config.integrations[0]!.id, activityType: 'connect', direction: 'outgoing', status: 'failed', errorMessage: 'ECONNREFUSED' });
+      activity.record({
+        integrationId: config.integrations[0]!.id,
+        activityType: 'connect',
+        direction: 'outgoing',
+        status: 'failed',
+        errorMessage: 'ECONNREFUSED',
+      });
     const alerts = () => activity.list({ activityType: 'alert' });
 
     fail();
     fail();
     expect(alerts()).toHaveLength(0);
     // Success rows don't count.
-    activity.record({ integrationId: config.integrations[0]!.id, activityType: 'deliver', direction: 'outgoing', status: 'success' });
+    activity.record({
+      integrationId: config.integrations[0]!.id,
+      activityType: 'deliver',
+      direction: 'outgoing',
+      status: 'success',
+    });
     expect(alerts()).toHaveLength(0);
     fail();
     expect(alerts()).toHaveLength(1);

@@ -11,7 +11,10 @@ export interface DaemonHandle {
   /** Resolves with the gateway_ready line; rejects if the process exits first. */
   ready: Promise<Record<string, unknown>>;
   exited: Promise<number | null>;
-  waitForLine(predicate: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
+  waitForLine(
+    predicate: (line: Record<string, unknown>) => boolean,
+    timeoutMs?: number,
+  ): Promise<Record<string, unknown>>;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
@@ -23,7 +26,10 @@ export function startDaemon(configFile: string, env: NodeJS.ProcessEnv = {}): Da
   });
   const lines: Record<string, unknown>[] = [];
   const stderr: string[] = [];
-  const waiters = new Set<{ predicate: (l: Record<string, unknown>) => boolean; resolve: (l: Record<string, unknown>) => void }>();
+  const waiters = new Set<{
+    predicate: (l: Record<string, unknown>) => boolean;
+    resolve: (l: Record<string, unknown>) => void;
+  }>();
   let buffer = '';
   proc.stdout!.on('data', (chunk: Buffer) => {
     buffer += chunk.toString('utf8');
@@ -57,12 +63,20 @@ export function startDaemon(configFile: string, env: NodeJS.ProcessEnv = {}): Da
       waiters.add(waiter);
       const timer = setTimeout(() => {
         waiters.delete(waiter);
-        rej(new Error(`timed out waiting for a log line; stderr: ${stderr.join('')}; last lines: ${JSON.stringify(lines.slice(-5))}`));
+        rej(
+          new Error(
+            `timed out waiting for a log line; stderr: ${stderr.join('')}; last lines: ${JSON.stringify(lines.slice(-5))}`,
+          ),
+        );
       }, timeoutMs);
       void exited.then((code) => {
         if (waiters.delete(waiter)) {
           clearTimeout(timer);
-          rej(new Error(`daemon exited with ${code} before the line appeared; stderr: ${stderr.join('')}; last lines: ${JSON.stringify(lines.slice(-5))}`));
+          rej(
+            new Error(
+              `daemon exited with ${code} before the line appeared; stderr: ${stderr.join('')}; last lines: ${JSON.stringify(lines.slice(-5))}`,
+            ),
+          );
         }
       });
     });

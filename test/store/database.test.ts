@@ -1,5 +1,14 @@
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, writeFileSync, openSync, writeSync, closeSync, statSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  writeFileSync,
+  openSync,
+  writeSync,
+  closeSync,
+  statSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -53,7 +62,11 @@ describe('local store', () => {
   it('quarantines a corrupt file when configured and reports where it went', () => {
     const dataDir = tempDir();
     const store0 = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
-    store0.db.prepare("INSERT INTO queue_messages (integration_id, device_id, topic, payload, qos, enqueued_at) VALUES ('i', 'd', 't', x'00', 1, 0)").run();
+    store0.db
+      .prepare(
+        "INSERT INTO queue_messages (integration_id, device_id, topic, payload, qos, enqueued_at) VALUES ('i', 'd', 't', x'00', 1, 0)",
+      )
+      .run();
     store0.close();
     // Overwrite page 2 onward: the header survives, the b-trees do not.
     const fd = openSync(join(dataDir, STORE_FILE), 'r+');
@@ -69,8 +82,8 @@ describe('local store', () => {
   it('explains a data directory it cannot create', () => {
     const notADir = join(tempDir(), 'plain-file');
     writeFileSync(notADir, '');
-    expect(() => openStore({ dataDir: join(notADir, 'data'), logger, onCorrupt: 'refuse', lock: true })).toThrow(
-      /cannot create data directory .*change gateway.dataDir/,
-    );
+    expect(() =>
+      openStore({ dataDir: join(notADir, 'data'), logger, onCorrupt: 'refuse', lock: true }),
+    ).toThrow(/cannot create data directory .*change gateway.dataDir/);
   });
 });
