@@ -8,7 +8,13 @@ import { sleep } from './process.js';
  */
 const HEADER_BYTES = 24;
 
-export function makePayload(size: number, phase: number, device: number, seq: number, sentAt: number): Buffer {
+export function makePayload(
+  size: number,
+  phase: number,
+  device: number,
+  seq: number,
+  sentAt: number,
+): Buffer {
   const buf = Buffer.alloc(Math.max(HEADER_BYTES, size));
   buf.writeUInt8(phase, 0);
   buf.writeUInt32BE(device, 4);
@@ -87,7 +93,13 @@ export async function createCollector(upstreamPort: number, persistent: boolean)
     }
   };
   const connectOnce = async () => {
-    const c = await connectRaw({ port: upstreamPort, clientId, clean: !persistent, keepalive: 60, timeoutMs: 2_000 });
+    const c = await connectRaw({
+      port: upstreamPort,
+      clientId,
+      clean: !persistent,
+      keepalive: 60,
+      timeoutMs: 2_000,
+    });
     c.onMessage(onMessage);
     await c.subscribe('devices/#', 1);
     c.onClose(() => {
@@ -186,12 +198,17 @@ export async function closedLoopBurst(
     const client = devices[d]!;
     while (client.inflight < window && next[d]! < perDevice) {
       const seq = next[d]!;
-      const ok = client.publish(deviceTopic(d), makePayload(payloadSize, phase, d, seq, performance.now()), 1, () => {
-        const now = performance.now();
-        acked.add(d, seq);
-        result.lastAck = now;
-        pump(d);
-      });
+      const ok = client.publish(
+        deviceTopic(d),
+        makePayload(payloadSize, phase, d, seq, performance.now()),
+        1,
+        () => {
+          const now = performance.now();
+          acked.add(d, seq);
+          result.lastAck = now;
+          pump(d);
+        },
+      );
       if (!ok) {
         stalled = true;
         return;
@@ -215,7 +232,11 @@ export interface PacedOptions {
 }
 
 /** Open loop: `total` QoS 1 messages at a fixed `rate`, round-robin over the devices, not waiting for PUBACKs. */
-export async function pacedBurst(devices: readonly RawClient[], phase: number, opts: PacedOptions): Promise<BurstResult> {
+export async function pacedBurst(
+  devices: readonly RawClient[],
+  phase: number,
+  opts: PacedOptions,
+): Promise<BurstResult> {
   const perDevice = Math.ceil(opts.total / devices.length);
   const acked = new SeqSet(devices.length, perDevice);
   const start = performance.now();
@@ -227,12 +248,17 @@ export async function pacedBurst(devices: readonly RawClient[], phase: number, o
     while (sent < due) {
       const d = sent % devices.length;
       const seq = Math.floor(sent / devices.length);
-      const ok = devices[d]!.publish(deviceTopic(d), makePayload(opts.payloadSize, phase, d, seq, performance.now()), 1, (sentAt) => {
-        const now = performance.now();
-        acked.add(d, seq);
-        result.lastAck = now;
-        result.pubackMs.push(now - sentAt);
-      });
+      const ok = devices[d]!.publish(
+        deviceTopic(d),
+        makePayload(opts.payloadSize, phase, d, seq, performance.now()),
+        1,
+        (sentAt) => {
+          const now = performance.now();
+          acked.add(d, seq);
+          result.lastAck = now;
+          result.pubackMs.push(now - sentAt);
+        },
+      );
       if (!ok) result.unsent++;
       sent++;
     }
@@ -248,6 +274,31 @@ export async function waitFor(done: () => boolean, timeoutMs: number, stepMs = 1
   while (!done()) {
     if (Date.now() > deadline) return false;
     await sleep(stepMs);
+  }
+  return true;
+}
+
+/**
+ * Waits until `total` messages arrived upstream, or nothing new arrived for idleMs (a system
+ * that dropped messages never completes), or maxMs passed. Returns whether all arrived.
+ */
+export async function waitForArrivals(
+  collector: Collector,
+  total: number,
+  idleMs: number,
+  maxMs: number,
+): Promise<boolean> {
+  const deadline = Date.now() + maxMs;
+  let lastSize = collector.arrived.size;
+  let lastChange = Date.now();
+  while (collector.arrived.size < total) {
+    const now = Date.now();
+    if (now > deadline || now - lastChange > idleMs) return false;
+    await sleep(10);
+    if (collector.arrived.size !== lastSize) {
+      lastSize = collector.arrived.size;
+      lastChange = Date.now();
+    }
   }
   return true;
 }

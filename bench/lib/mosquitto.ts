@@ -13,7 +13,12 @@ export interface MosquittoInstance {
  * root and mosquitto would otherwise switch to the `mosquitto` user, which cannot write the
  * temp directory.
  */
-export async function writeMosquittoConf(dir: string, name: string, port: number, extra: readonly string[] = []) {
+export async function writeMosquittoConf(
+  dir: string,
+  name: string,
+  port: number,
+  extra: readonly string[] = [],
+) {
   const path = join(dir, `${name}.conf`);
   const lines = [
     'user root',
@@ -55,6 +60,7 @@ export async function startMosquitto(
  */
 export function upstreamConfLines(dir: string, persistence: boolean): string[] {
   return [
+    'set_tcp_nodelay true',
     'max_inflight_messages 0',
     'max_queued_messages 0',
     ...(persistence ? ['persistence true', `persistence_location ${dir}/`, 'autosave_interval 0'] : []),

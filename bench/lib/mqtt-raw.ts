@@ -90,7 +90,9 @@ export async function connectRaw(opts: RawConnectOptions): Promise<RawClient> {
             resolve();
           } else {
             socket.destroy();
-            reject(new Error(`CONNACK return code ${packet.returnCode ?? packet.reasonCode} for ${opts.clientId}`));
+            reject(
+              new Error(`CONNACK return code ${packet.returnCode ?? packet.reasonCode} for ${opts.clientId}`),
+            );
           }
           return;
         case 'puback': {

@@ -33,7 +33,12 @@ const TAIL_LINES = 40;
 export function createProcessGroup(): ProcessGroup {
   const live = new Set<Child>();
 
-  const spawnChild = (name: string, command: string, args: readonly string[], opts: { cwd?: string } = {}) => {
+  const spawnChild = (
+    name: string,
+    command: string,
+    args: readonly string[],
+    opts: { cwd?: string } = {},
+  ) => {
     const proc = spawn(command, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     if (proc.pid === undefined) throw new Error(`could not start ${name}: ${command}`);
     const lines: string[] = [];
@@ -154,7 +159,12 @@ export async function waitForPort(port: number, timeoutMs: number, host = '127.0
 }
 
 /** Polls until check() is true; rejects with `what` after timeoutMs. */
-export async function waitUntil(check: () => boolean, timeoutMs: number, what: string, stepMs = 20): Promise<void> {
+export async function waitUntil(
+  check: () => boolean,
+  timeoutMs: number,
+  what: string,
+  stepMs = 20,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!check()) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);

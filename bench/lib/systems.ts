@@ -50,7 +50,11 @@ export function gatewayAvailable(root: string): boolean {
 
 const READY_TIMEOUT_MS = 30_000;
 
-export async function startSystem(ctx: BenchContext, name: SystemName, upstreamPort: number): Promise<SystemUnderTest> {
+export async function startSystem(
+  ctx: BenchContext,
+  name: SystemName,
+  upstreamPort: number,
+): Promise<SystemUnderTest> {
   const dir = await mkdtemp(join(ctx.tmpRoot, `${name}-`));
   const port = await freePort();
   switch (name) {
@@ -96,9 +100,14 @@ export async function startSystem(ctx: BenchContext, name: SystemName, upstreamP
       };
       const confPath = join(dir, 'gateway.yaml');
       await writeFile(confPath, stringify(config));
-      const child = ctx.group.spawn('gateway', process.execPath, [gatewayCliPath(ctx.root), 'run', '-c', confPath], {
-        cwd: dir,
-      });
+      const child = ctx.group.spawn(
+        'gateway',
+        process.execPath,
+        [gatewayCliPath(ctx.root), 'run', '-c', confPath],
+        {
+          cwd: dir,
+        },
+      );
       await readyOrStop(child, /"msg":"gateway_ready"/);
       await waitForPort(port, 5_000);
       await waitReadyz(httpPort, 10_000);

@@ -1,0 +1,134 @@
+import { closedLoopBurst, waitForArrivals } from './lib/load.js';
+import { withSetup } from './lib/setup.js';
+import { orderForRun, type BenchSettings } from './lib/settings.js';
+import { median, ratio } from './lib/stats.js';
+import { SYSTEM_LABELS, type BenchContext, type SystemName } from './lib/systems.js';
+import { fmt, fmtRatio, markdownTable, verdict } from './lib/table.js';
+
+const PHASE = 1;
+
+export interface ThroughputRun {
+  /** Messages per second until the last one arrived upstream. */
+  endToEnd: number;
+  /** Messages per second until the last PUBACK at the devices. */
+  fanIn: number;
+  missing: number;
+  duplicates: number;
+}
+
+/**
+ * QoS 1 device → upstream throughput: every device keeps `window` messages in flight; the
+ * clock stops at the last arrival upstream (end to end) and at the last PUBACK (fan-in).
+ */
+export async function measureThroughput(
+  ctx: BenchContext,
+  settings: BenchSettings,
+  name: SystemName,
+): Promise<ThroughputRun> {
+  return withSetup(ctx, settings, name, {}, async ({ collector, devices }) => {
+    const perDevice = settings.messagesPerDevice;
+    const total = devices.length * perDevice;
+    const timeoutMs = Math.max(60_000, total); // ≥ 1,000 msg/s or it counts as failed
+    collector.expect(PHASE, devices.length, perDevice);
+    const burst = await closedLoopBurst(
+      devices,
+      PHASE,
+      perDevice,
+      settings.window,
+      settings.payloadSize,
+      timeoutMs,
+    );
+    await waitForArrivals(collector, total, 3_000, timeoutMs);
+    const arrived = collector.arrived.size;
+    // Delivered messages per second: a system that drops (Mosquitto's bridge queue overflows
+    // when devices outpace it) is credited only with what arrived; the loss shows in `missing`.
+    return {
+      endToEnd: arrived > 0 ? arrived / ((collector.lastArrival - burst.start) / 1000) : Number.NaN,
+      fanIn: burst.acked.size === total ? total / ((burst.lastAck - burst.start) / 1000) : Number.NaN,
+      missing: total - arrived,
+      duplicates: collector.duplicates,
+    };
+  });
+}
+
+export async function runThroughputBench(ctx: BenchContext, settings: BenchSettings): Promise<string> {
+  const runs = new Map<SystemName, ThroughputRun[]>(settings.systems.map((s) => [s, []]));
+  for (let r = 0; r < settings.runs; r++) {
+    for (const name of orderForRun(settings.systems, r)) {
+      let result: ThroughputRun;
+      try {
+        result = await measureThroughput(ctx, settings, name);
+      } catch (err) {
+        console.error(`throughput ${name} run ${r + 1} failed: ${(err as Error).message}`);
+        result = { endToEnd: Number.NaN, fanIn: Number.NaN, missing: Number.NaN, duplicates: Number.NaN };
+      }
+      runs.get(name)!.push(result);
+      console.error(
+        `  throughput run ${r + 1}/${settings.runs} ${name}: ${fmt(result.endToEnd)} msg/s end to end, ${fmt(result.fanIn)} fan-in, ${result.missing} missing`,
+      );
+    }
+  }
+  const total = settings.devices * settings.messagesPerDevice;
+  const systemRows = settings.systems.map((name) => {
+    const rs = runs.get(name)!;
+    return [
+      SYSTEM_LABELS[name],
+      fmt(median(rs.map((x) => x.endToEnd))),
+      fmt(median(rs.map((x) => x.fanIn))),
+      rs.map((x) => fmt(x.endToEnd)).join(', '),
+      String(rs.reduce((a, x) => a + (Number.isFinite(x.missing) ? x.missing : 0), 0)),
+      String(rs.reduce((a, x) => a + (Number.isFinite(x.duplicates) ? x.duplicates : 0), 0)),
+    ];
+  });
+  const lines = [
+    `### Throughput: QoS 1, ${settings.devices} devices × ${fmt(settings.messagesPerDevice)} messages (${fmt(total)}), window ${settings.window}, ${settings.payloadSize}-byte payload, ${settings.runs} run(s)`,
+    '',
+    markdownTable(
+      [
+        'system',
+        'delivered end to end msg/s (median)',
+        'fan-in msg/s (median)',
+        'end to end per run',
+        'missing (all runs)',
+        'duplicates (all runs)',
+      ],
+      systemRows,
+    ),
+  ];
+  const ratioRows = ratioRowsFor(runs, [
+    { other: 'bridge', metric: 'endToEnd', target: 1.0, label: 'end to end' },
+    { other: 'relay', metric: 'endToEnd', target: 0.8, label: 'end to end' },
+    { other: 'bridge', metric: 'fanIn', label: 'fan-in' },
+    { other: 'relay', metric: 'fanIn', label: 'fan-in' },
+  ]);
+  if (ratioRows.length > 0) {
+    lines.push(
+      '',
+      markdownTable(['ratio (higher is better)', 'per run', 'median', 'target', 'verdict'], ratioRows),
+    );
+  }
+  return lines.join('\n');
+}
+
+function ratioRowsFor(
+  runs: Map<SystemName, ThroughputRun[]>,
+  specs: { other: SystemName; metric: 'endToEnd' | 'fanIn'; target?: number; label: string }[],
+): string[][] {
+  const gw = runs.get('gateway');
+  if (!gw) return [];
+  return specs.flatMap((spec) => {
+    const base = runs.get(spec.other);
+    if (!base) return [];
+    const perRun = gw.map((g, i) => ratio(g[spec.metric], base[i]?.[spec.metric] ?? Number.NaN));
+    const med = median(perRun);
+    return [
+      [
+        `gateway / ${SYSTEM_LABELS[spec.other]} (${spec.label})`,
+        perRun.map(fmtRatio).join(', ') || 'n/a',
+        fmtRatio(med),
+        spec.target === undefined ? '–' : `≥ ${spec.target.toFixed(1)}×`,
+        spec.target === undefined ? '–' : verdict(med, (v) => v >= spec.target!),
+      ],
+    ];
+  });
+}
