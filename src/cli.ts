@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ConfigError, defaultConfigPath, formatIssue } from './config/load.js';
 import { ErrorCodes, isGatewayError, errorMessage } from './errors.js';
@@ -125,9 +127,18 @@ function reportError(err: unknown, io: Pick<CommandIo, 'err'>): number {
   return EXIT_FAILURE;
 }
 
-const isEntry =
-  process.argv[1] !== undefined && import.meta.url === new URL(`file://${process.argv[1]}`).href;
-if (isEntry || process.argv[1]?.endsWith('/iot-gateway')) {
+/** Run when executed (node dist/cli.js, the npm bin link, a wrapper), not when imported by tests. */
+function isEntry(): boolean {
+  const script = process.argv[1];
+  if (script === undefined) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (isEntry()) {
   main(process.argv.slice(2), {
     out: (line) => process.stdout.write(`${line}\n`),
     err: (line) => process.stderr.write(`${line}\n`),

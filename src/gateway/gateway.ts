@@ -147,22 +147,36 @@ export function createGateway(options: GatewayOptions): Gateway {
       syncJob: undefined,
       abort,
     };
-    if (integration.schedule.sync) {
-      runtime.syncJob = scheduleJob({
-        name: `sync:${integration.name}`,
-        cron: integration.schedule.sync,
-        logger: log,
-        job: () =>
-          runSync(
-            { provider, integration, activity: started.activity, logger: log, signal: abort.signal },
-            'both',
-          ),
-      });
-    }
+    scheduleSync(runtime, log);
     integrations.set(integration.id, runtime);
     supervisor.start();
     forwarder.start();
     log.info({ type: integration.type }, 'integration_started');
+  }
+
+  /** (Re)creates the integration's sync schedule from its current config. */
+  function scheduleSync(runtime: IntegrationRuntime, log: Logger): void {
+    runtime.syncJob?.stop();
+    runtime.syncJob = undefined;
+    const cron = runtime.config.schedule.sync;
+    if (!cron) return;
+    const { activity: act } = requireStarted();
+    runtime.syncJob = scheduleJob({
+      name: `sync:${runtime.config.name}`,
+      cron,
+      logger: log,
+      job: () =>
+        runSync(
+          {
+            provider: runtime.provider,
+            integration: runtime.config,
+            activity: act,
+            logger: log,
+            signal: runtime.abort.signal,
+          },
+          'both',
+        ),
+    });
   }
 
   async function stopIntegration(runtime: IntegrationRuntime): Promise<void> {
@@ -458,26 +472,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       RESTART_REQUIRED_KEYS.some((k) => p === k || p.startsWith(`${k}.`) || p.startsWith(`${k}[`)),
     );
     // Keys that need a restart keep their running values; the rest applies now.
-    config = Object.freeze({
-      ...next,
-      gateway: {
-        ...next.gateway,
-        id: prev.gateway.id,
-        dataDir: prev.gateway.dataDir,
-        organizationId: prev.gateway.organizationId,
-        onCorruptStore: prev.gateway.onCorruptStore,
-      },
-      http: prev.http,
-      features: prev.features,
-      broker: {
-        ...next.broker,
-        listeners: prev.broker.listeners,
-        maxPacketSize: prev.broker.maxPacketSize,
-        maxConnections: prev.broker.maxConnections,
-        connectTimeout: prev.broker.connectTimeout,
-        keepaliveLimit: prev.broker.keepaliveLimit,
-      },
-    });
+    config = withRunningValues(next, prev, RESTART_REQUIRED_KEYS);
     if (next.gateway.log.level !== prev.gateway.log.level) options.setLogLevel?.(next.gateway.log.level);
     if (changed.some((p) => p.startsWith('broker.'))) broker?.updateConfig(config.broker);
     ingest?.setIntegrations(config.integrations);
@@ -495,26 +490,10 @@ export function createGateway(options: GatewayOptions): Gateway {
           inflight: wanted.queue.inflight,
           maxAttempts: wanted.queue.maxAttempts,
         });
-        if (JSON.stringify(runtime.config.schedule) !== JSON.stringify(wanted.schedule)) {
-          runtime.syncJob?.stop();
-          runtime.syncJob = undefined;
-          if (wanted.schedule.sync) {
-            const { provider, abort } = runtime;
-            const log = logger.child({ integrationId: wanted.id, integration: wanted.name });
-            const act = requireStarted().activity;
-            runtime.syncJob = scheduleJob({
-              name: `sync:${wanted.name}`,
-              cron: wanted.schedule.sync,
-              logger: log,
-              job: () =>
-                runSync(
-                  { provider, integration: wanted, activity: act, logger: log, signal: abort.signal },
-                  'both',
-                ),
-            });
-          }
-        }
+        const scheduleChanged = JSON.stringify(runtime.config.schedule) !== JSON.stringify(wanted.schedule);
         runtime.config = wanted;
+        if (scheduleChanged)
+          scheduleSync(runtime, logger.child({ integrationId: wanted.id, integration: wanted.name }));
       }
     }
     for (const integration of config.integrations) {
@@ -614,6 +593,26 @@ export function createGateway(options: GatewayOptions): Gateway {
 /** Which parts of an integration restart it: its identity, type and provider settings. */
 function integrationNeedsRestart(a: IntegrationConfig, b: IntegrationConfig): boolean {
   return a.type !== b.type || a.name !== b.name || JSON.stringify(a.settings) !== JSON.stringify(b.settings);
+}
+
+/** `next` with the values of `keys` (dotted paths) taken from `running`: they wait for a restart. */
+function withRunningValues(
+  next: Readonly<Config>,
+  running: Readonly<Config>,
+  keys: readonly string[],
+): Readonly<Config> {
+  const merged = structuredClone(next) as unknown as Record<string, unknown>;
+  for (const key of keys) {
+    const path = key.split('.');
+    let from: unknown = running;
+    let to: Record<string, unknown> = merged;
+    for (let i = 0; i < path.length - 1; i++) {
+      from = (from as Record<string, unknown>)[path[i]!];
+      to = to[path[i]!] as Record<string, unknown>;
+    }
+    to[path[path.length - 1]!] = structuredClone((from as Record<string, unknown>)[path[path.length - 1]!]);
+  }
+  return Object.freeze(merged as unknown as Config);
 }
 
 /** Dotted paths of leaves that differ between two configs (arrays compared per item). */

@@ -108,6 +108,24 @@ export function limitPacketSize(inner: Duplex, options: PacketLimitOptions): Dup
         inner.once('drain', () => releaseWrite());
       }
     },
+    // aedes corks per tick (mqtt-packet's writeToStream): hand the batch to the socket as one
+    // writev instead of a syscall per PUBACK.
+    writev(chunks, callback) {
+      if (inner.destroyed) {
+        callback(new Error('connection closed'));
+        return;
+      }
+      inner.cork();
+      let ok = true;
+      for (const { chunk, encoding } of chunks) ok = inner.write(chunk as Buffer, encoding) && ok;
+      inner.uncork();
+      if (ok) {
+        callback();
+      } else {
+        pendingWrite = callback;
+        inner.once('drain', () => releaseWrite());
+      }
+    },
     final(callback) {
       inner.end();
       callback();

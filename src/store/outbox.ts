@@ -1,5 +1,6 @@
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
+import { createRecentRows, type CachedRow } from './recent-rows.js';
 import type { OutboundMessage } from '../providers/provider.js';
 import type { ActivityLog } from './activity-log.js';
 import type { SqliteDatabase } from './database.js';
@@ -49,6 +50,9 @@ interface BatchResult {
   drafts: Map<string, { depth: number; bytes: number }>;
   drops: Map<string, Map<DropReason, number>>;
   rejects: Map<string, Map<DropReason, number>>;
+  /** Rows inserted and drop-oldest cuts, applied to the in-memory cache only after COMMIT. */
+  inserted: { integrationId: string; row: CachedRow }[];
+  cuts: { integrationId: string; upTo: number }[];
 }
 
 const REPORT_INTERVAL_MS = 1000;
@@ -82,6 +86,10 @@ export function createOutbox(options: OutboxOptions): Outbox {
   );
   const deleteOne = db.prepare(
     'DELETE FROM queue_messages WHERE id = ? AND integration_id = ? RETURNING length(payload) AS size',
+  );
+  const deleteMany = db.prepare(
+    `DELETE FROM queue_messages WHERE id IN (SELECT value FROM json_each(?)) AND integration_id = ?
+     RETURNING length(payload) AS size`,
   );
   const bumpAttempts = db.prepare(
     'UPDATE queue_messages SET attempts = attempts + 1 WHERE id = ? AND integration_id = ?',
@@ -125,6 +133,11 @@ export function createOutbox(options: OutboxOptions): Outbox {
     c.bytes = row.b ?? 0;
   }
 
+  const maxId =
+    (db.prepare('SELECT max(id) AS id FROM queue_messages').get() as { id: number | null }).id ?? 0;
+  // Rows committed from now on are also kept in memory, so a caught-up forwarder does not query.
+  const recent = createRecentRows({ floor: maxId });
+
   let staged: Staged[] = [];
   let flushScheduled = false;
   let closed = false;
@@ -142,6 +155,8 @@ export function createOutbox(options: OutboxOptions): Outbox {
       drafts: new Map(),
       drops: new Map(),
       rejects: new Map(),
+      inserted: [],
+      cuts: [],
     };
     const draftOf = (integrationId: string) => {
       let d = result.drafts.get(integrationId);
@@ -183,16 +198,34 @@ export function createOutbox(options: OutboxOptions): Outbox {
         const draft = draftOf(target.integrationId);
         if (target.limits.onFull === 'drop-oldest')
           makeRoom(target.integrationId, target.limits, draft, size, result);
-        insertRow.run(
+        const qos = target.qos ?? message.qos;
+        const expiresAt = target.limits.ttlMs > 0 ? enqueuedAt + target.limits.ttlMs : null;
+        const { lastInsertRowid } = insertRow.run(
           target.integrationId,
           message.deviceId,
           message.topic,
           message.payload,
-          target.qos ?? message.qos,
+          qos,
           message.retain ? 1 : 0,
           enqueuedAt,
-          target.limits.ttlMs > 0 ? enqueuedAt + target.limits.ttlMs : null,
+          expiresAt,
         );
+        result.inserted.push({
+          integrationId: target.integrationId,
+          row: {
+            message: {
+              id: Number(lastInsertRowid),
+              deviceId: message.deviceId,
+              topic: message.topic,
+              payload: message.payload,
+              qos,
+              retain: message.retain,
+              enqueuedAt,
+              attempts: 0,
+            },
+            expiresAt,
+          },
+        });
         draft.depth++;
         draft.bytes += size;
         result.touched.add(target.integrationId);
@@ -235,6 +268,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
         if (depth + 1 <= limits.maxMessages && bytes + size <= limits.maxBytes) break;
       }
       const deleted = deleteUpTo.all(integrationId, cutId) as { size: number }[];
+      result.cuts.push({ integrationId, upTo: cutId });
       for (const row of deleted) {
         draft.depth--;
         draft.bytes -= row.size;
@@ -262,6 +296,9 @@ export function createOutbox(options: OutboxOptions): Outbox {
       return;
     }
 
+    // Cuts after adds: a cut removes every row up to its id, including rows of this batch.
+    for (const { integrationId, row } of result.inserted) recent.add(integrationId, row);
+    for (const cut of result.cuts) recent.removeUpTo(cut.integrationId, cut.upTo);
     for (const [integrationId, draft] of result.drafts) {
       const c = countersOf(integrationId);
       c.depth = draft.depth;
@@ -380,6 +417,8 @@ export function createOutbox(options: OutboxOptions): Outbox {
     },
 
     read(integrationId, afterId, limit) {
+      const cached = recent.read(integrationId, afterId, limit, now());
+      if (cached !== undefined) return cached;
       const rows = selectRows.all(integrationId, afterId, now(), limit) as {
         id: number;
         device_id: string;
@@ -404,20 +443,19 @@ export function createOutbox(options: OutboxOptions): Outbox {
 
     ack(integrationId, ids) {
       if (ids.length === 0) return;
-      let depth = 0;
-      let bytes = 0;
-      db.transaction(() => {
-        for (const id of ids) {
-          const row = deleteOne.get(id, integrationId) as { size: number } | undefined;
-          if (row !== undefined) {
-            depth++;
-            bytes += row.size;
-          }
-        }
-      })();
+      // A lost delete only means the row is sent again (at-least-once), so acks skip the fsync:
+      // the next FULL commit (an enqueue) syncs the WAL, these frames included, in order.
+      db.pragma('synchronous = NORMAL');
+      let deleted: { size: number }[];
+      try {
+        deleted = deleteMany.all(JSON.stringify(ids), integrationId) as { size: number }[];
+      } finally {
+        db.pragma('synchronous = FULL');
+      }
+      recent.remove(integrationId, ids);
       const c = countersOf(integrationId);
-      c.depth -= depth;
-      c.bytes -= bytes;
+      c.depth -= deleted.length;
+      for (const row of deleted) c.bytes -= row.size;
     },
 
     markAttempt(integrationId, ids) {
@@ -425,6 +463,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
       db.transaction(() => {
         for (const id of ids) bumpAttempts.run(id, integrationId);
       })();
+      recent.bumpAttempts(integrationId, ids);
     },
 
     deadLetter(integrationId, message, code, reason) {
@@ -433,6 +472,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
         if (copied === 0) return undefined;
         return deleteOne.get(message.id, integrationId) as { size: number } | undefined;
       })();
+      recent.remove(integrationId, [message.id]);
       if (moved === undefined) {
         // Already gone (acked, dropped or expired meanwhile): nothing to move, nothing to count.
         logger.debug({ integrationId, messageId: message.id }, 'dead_letter_row_missing');
@@ -496,6 +536,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
         }
         if (rows.length < EXPIRE_CHUNK) break;
       }
+      recent.removeExpired(cutoff);
       let total = 0;
       for (const [integrationId, count] of perQueue) {
         total += count;

@@ -6,6 +6,7 @@ import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, describe, expect, it } from 'vitest';
 import { hashPassword } from '../../src/gateway/password-hash.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
+import { startMosquitto } from '../helpers/mosquitto.js';
 import { freePort } from '../helpers/ports.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
@@ -37,7 +38,11 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
   it('loses no acknowledged message and keeps per-device order', { timeout: 240_000 }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'gw-kill9-'));
     const prefix = `kill9-${randomUUID().slice(0, 8)}`;
-    const proxy: TcpProxy = await startTcpProxy(1883);
+    // A Mosquitto of the test's own with unbounded queues: the observer must not lose messages
+    // to Mosquitto's default 1,000-message client queue while the backlog drains into it.
+    const upstream = await startMosquitto();
+    cleanup.push(() => upstream.stop());
+    const proxy: TcpProxy = await startTcpProxy(upstream.port);
     cleanup.push(() => proxy.close());
     proxy.setMode('refuse'); // the upstream is down during the burst
 
@@ -73,9 +78,9 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
       ].join('\n'),
     );
 
-    // Observe the upstream directly on Mosquitto.
+    // Observe the upstream directly on the upstream Mosquitto.
     const received = new Map<string, number[]>();
-    const observer = await mqtt.connectAsync('mqtt://127.0.0.1:1883', {
+    const observer = await mqtt.connectAsync(`mqtt://127.0.0.1:${upstream.port}`, {
       clientId: `obs-${prefix}`,
       reconnectPeriod: 1000,
     });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { connectAsync } from 'mqtt';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
 import { createBackoff } from '../../src/gateway/backoff.js';
 import {
@@ -20,6 +20,7 @@ import { createActivityLog, type ActivityLog } from '../../src/store/activity-lo
 import { openStore, type Store } from '../../src/store/database.js';
 import { createOutbox } from '../../src/store/outbox.js';
 import type { Outbox, QueueLimits } from '../../src/store/outbox-types.js';
+import { startMosquitto, type PrivateMosquitto } from '../helpers/mosquitto.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
 const roomy: QueueLimits = {
@@ -43,6 +44,14 @@ interface Harness {
 }
 
 let h: Harness;
+/** Upstream Mosquitto of this file, with unbounded client queues so the observer never drops. */
+let upstream: PrivateMosquitto;
+beforeAll(async () => {
+  upstream = await startMosquitto();
+});
+afterAll(async () => {
+  await upstream.stop();
+});
 
 async function setUp(): Promise<Harness> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-fwd-'));
@@ -61,7 +70,7 @@ async function setUp(): Promise<Harness> {
   const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
   const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
   const outbox = createOutbox({ db: store.db, logger, activity });
-  const proxy = await startTcpProxy(1883);
+  const proxy = await startTcpProxy(upstream.port);
   return {
     dir,
     store,
@@ -133,9 +142,9 @@ function pipeline(
   return { provider, supervisor, forwarder };
 }
 
-/** Collects what reaches Mosquitto under the test prefix, as `device:seq` strings. */
+/** Collects what reaches the upstream Mosquitto under the test prefix, as `device:seq` strings. */
 async function observe(): Promise<{ got: string[] }> {
-  const client = await connectAsync('mqtt://127.0.0.1:1883', {
+  const client = await connectAsync(`mqtt://127.0.0.1:${upstream.port}`, {
     clientId: `obs-${randomUUID()}`,
     reconnectPeriod: 0,
   });

@@ -1,5 +1,4 @@
 import { Aedes } from 'aedes';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -18,6 +17,7 @@ import { createProvider, providerRegistry } from '../../src/providers/registry.j
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createTestPki, type TestPki } from '../helpers/certs.js';
+import { startMosquitto } from '../helpers/mosquitto.js';
 import { freePort } from '../helpers/ports.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
@@ -158,42 +158,21 @@ async function startAedes(options: { refuseAuth?: boolean; tls?: TestPki } = {})
 }
 
 /** A private Mosquitto with an ACL and a packet-size limit, for broker-side rejections over MQTT 5. */
-async function startPrivateMosquitto(): Promise<{ port: number; proc: ChildProcess }> {
-  const dir = mkdtempSync(join(tmpdir(), 'gw-mosq-'));
-  chmodSync(dir, 0o755);
-  const port = await freePort();
-  writeFileSync(join(dir, 'acl'), 'topic readwrite gwtest/#\n');
-  writeFileSync(
-    join(dir, 'mosquitto.conf'),
-    [
-      `listener ${port} 127.0.0.1`,
-      'allow_anonymous true',
-      'persistence false',
-      `acl_file ${join(dir, 'acl')}`,
-      'max_packet_size 4096',
-      'max_inflight_messages 7',
-      'log_dest none',
-      '',
-    ].join('\n'),
-  );
-  chmodSync(join(dir, 'acl'), 0o644);
-  chmodSync(join(dir, 'mosquitto.conf'), 0o644);
-  const proc = spawn('mosquitto', ['-c', join(dir, 'mosquitto.conf')], { stdio: 'ignore' });
+async function startPrivateMosquitto(): Promise<{ port: number }> {
+  const aclDir = mkdtempSync(join(tmpdir(), 'gw-acl-'));
+  chmodSync(aclDir, 0o755);
+  writeFileSync(join(aclDir, 'acl'), 'topic readwrite gwtest/#\n');
+  chmodSync(join(aclDir, 'acl'), 0o644);
+  const mosquitto = await startMosquitto([
+    `acl_file ${join(aclDir, 'acl')}`,
+    'max_packet_size 4096',
+    'max_inflight_messages 7',
+  ]);
   h.cleanups.push(async () => {
-    proc.kill('SIGTERM');
-    await new Promise((r) => proc.once('exit', r));
-    rmSync(dir, { recursive: true, force: true });
+    await mosquitto.stop();
+    rmSync(aclDir, { recursive: true, force: true });
   });
-  for (let i = 0; i < 100; i++) {
-    try {
-      const c = await connectAsync(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 500 });
-      await c.endAsync();
-      return { port, proc };
-    } catch {
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  }
-  throw new Error('private mosquitto did not start');
+  return { port: mosquitto.port };
 }
 
 describe('mqtt provider', () => {

@@ -42,7 +42,13 @@ const AUTH_CONNACK_CODES = new Set([4, 5, 0x86, 0x87, 0x8a, 0x8c]);
 
 interface PendingPublish {
   fail(err: GatewayError): void;
+  /** performance.now() after which the publish counts as unacknowledged */
+  deadline: number;
+  topic: string;
 }
+
+/** How often a link looks for publishes past their deadline (one timer per link, not per message). */
+const TIMEOUT_SWEEP_MS = 250;
 
 /** One established (or establishing) connection and what hangs on it. */
 interface Link {
@@ -55,6 +61,7 @@ interface Link {
   maxInflight: number;
   /** MQTT 5 Maximum Packet Size from CONNACK. */
   maxPacketSize: number | undefined;
+  sweep: NodeJS.Timeout | undefined;
 }
 
 interface Opened {
@@ -295,8 +302,24 @@ export function createMqttProvider(context: ProviderContext): Provider {
   }
 
   function dropLink(current: Link, err: GatewayError): void {
+    clearInterval(current.sweep);
+    current.sweep = undefined;
     for (const pending of [...current.pending]) pending.fail(err);
     current.pending.clear();
+  }
+
+  function sweepTimeouts(current: Link): void {
+    const t = performance.now();
+    for (const pending of current.pending) {
+      if (pending.deadline > t) continue;
+      pending.fail(
+        new GatewayError(
+          ErrorCodes.PROVIDER_TIMEOUT,
+          `no acknowledgement from ${endpoint} within ${settings.publishTimeout} ms`,
+          { retryable: true, details: { topic: pending.topic } },
+        ),
+      );
+    }
   }
 
   function packetSize(topic: string, payload: Buffer, qos: number): number {
@@ -346,7 +369,13 @@ export function createMqttProvider(context: ProviderContext): Provider {
         pending: new Set(),
         maxInflight: connack.properties?.receiveMaximum ?? DEFAULT_MAX_INFLIGHT,
         maxPacketSize: connack.properties?.maximumPacketSize,
+        sweep: undefined,
       };
+      current.sweep = setInterval(
+        () => sweepTimeouts(current),
+        Math.min(TIMEOUT_SWEEP_MS, settings.publishTimeout),
+      );
+      current.sweep.unref();
       link = current;
       client.on('message', (topic, payload, packet) => {
         deliverInbound(topic, payload, packet);
@@ -457,23 +486,15 @@ export function createMqttProvider(context: ProviderContext): Provider {
         const settle = (err: GatewayError | undefined) => {
           if (done) return;
           done = true;
-          clearTimeout(timer);
           current.pending.delete(pending);
           if (err) reject(err);
           else resolve();
         };
-        const pending: PendingPublish = { fail: (err) => settle(err) };
-        const timer = setTimeout(
-          () =>
-            settle(
-              new GatewayError(
-                ErrorCodes.PROVIDER_TIMEOUT,
-                `no acknowledgement from ${endpoint} within ${settings.publishTimeout} ms`,
-                { retryable: true, details: { topic: target } },
-              ),
-            ),
-          settings.publishTimeout,
-        );
+        const pending: PendingPublish = {
+          fail: (err) => settle(err),
+          deadline: performance.now() + settings.publishTimeout,
+          topic: target,
+        };
         current.pending.add(pending);
         current.client.publish(target, message.payload, { qos, retain }, (err) => {
           settle(err ? classifyPublishError(err, endpoint, target) : undefined);
