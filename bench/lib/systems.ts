@@ -103,7 +103,14 @@ export async function startSystem(
       const child = ctx.group.spawn(
         'gateway',
         process.execPath,
-        [gatewayCliPath(ctx.root), 'run', '-c', confPath],
+        [
+          // BENCH_PROFILE=DIR writes a V8 CPU profile of the gateway there (open it in Chrome DevTools).
+          ...(process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] : []),
+          gatewayCliPath(ctx.root),
+          'run',
+          '-c',
+          confPath,
+        ],
         {
           cwd: dir,
         },
