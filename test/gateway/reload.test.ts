@@ -27,7 +27,8 @@ describe('live config reload under traffic', () => {
     const httpPort = await freePort();
     const hash = await hashPassword('pw');
     const integrationId = randomUUID();
-    const render = (opts: { devices: string[]; routes: string[]; extra?: string }) =>
+    const secondId = randomUUID();
+    const render = (opts: { devices: string[]; routes: string[]; second?: string }) =>
       [
         `gateway: { id: reload-gw, dataDir: ${JSON.stringify(join(dir, 'data'))}, log: { level: info } }`,
         'broker:',
@@ -40,8 +41,16 @@ describe('live config reload under traffic', () => {
         '    type: mqtt',
         `    settings: { url: "mqtt://127.0.0.1:1883", outbound: [{ local: "#", remote: "${prefix}/{topic}" }] }`,
         `    routes: [${opts.routes.map((r) => `{ from: "${r}" }`).join(', ')}]`,
+        ...(opts.second === undefined
+          ? []
+          : [
+              `  - name: up2`,
+              `    id: ${secondId}`,
+              '    type: mqtt',
+              `    settings: { url: "mqtt://127.0.0.1:1883", keepalive: ${opts.second}, outbound: [{ local: "#", remote: "${prefix}/second/{topic}" }] }`,
+              '    routes: [{ from: "devices/+/state" }]',
+            ]),
         `http: { host: 127.0.0.1, port: ${httpPort} }`,
-        opts.extra ?? '',
       ].join('\n');
     writeFileSync(file, render({ devices: ['a', 'b'], routes: ['devices/+/telemetry'] }));
 
@@ -137,12 +146,36 @@ describe('live config reload under traffic', () => {
     while (closedB === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     expect(closedB).toBeGreaterThan(0);
 
+    // 5. Add an integration: it starts; the running one is not restarted.
+    const current = { devices: ['a', 'c'], routes: ['devices/+/telemetry', 'devices/+/state'] };
+    const lifecycle = (msg: string, name: string) =>
+      daemon.lines.filter((l) => l.msg === msg && l.integration === name).length;
+    before = reloads();
+    writeFileSync(file, render({ ...current, second: '30s' }));
+    await waitReload(before);
+    expect(lifecycle('integration_started', 'up2')).toBe(1);
+    // 6. Change only the new integration's settings: only it restarts.
+    before = reloads();
+    writeFileSync(file, render({ ...current, second: '20s' }));
+    await waitReload(before);
+    expect(lifecycle('integration_stopped', 'up2')).toBe(1);
+    expect(lifecycle('integration_started', 'up2')).toBe(2);
+    expect(lifecycle('integration_stopped', 'up')).toBe(0);
+    expect(lifecycle('integration_started', 'up')).toBe(1);
+    await c.publishAsync('devices/c/state', '{"on":false}', { qos: 1 });
+
     running = false;
     await publisher;
     expect(closedA).toBe(0);
     expect(c.connected).toBe(true);
 
-    const expected = [...acked, 'devices/c/state {"on":true}', 'devices/b/telemetry still-here'];
+    const expected = [
+      ...acked,
+      'devices/c/state {"on":true}',
+      'devices/b/telemetry still-here',
+      'devices/c/state {"on":false}',
+      'second/devices/c/state {"on":false}',
+    ];
     const until = Date.now() + 20_000;
     while (expected.some((m) => !received.includes(m)) && Date.now() < until)
       await new Promise((r) => setTimeout(r, 100));
