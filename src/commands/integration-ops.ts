@@ -1,5 +1,10 @@
 import { redactUrl } from '../logger.js';
-import { runConnectionTest, runSync, type SyncDirection } from '../gateway/operations.js';
+import {
+  runConnectionTest,
+  runSync,
+  type OperationContext,
+  type SyncDirection,
+} from '../gateway/operations.js';
 import { createProvider } from '../providers/registry.js';
 import {
   EXIT_FAILURE,
@@ -14,34 +19,43 @@ import {
 
 const OP_TIMEOUT_MS = 60_000;
 
-/** `iot-gateway test-connection NAME`: outcome and latency, recorded as activity. */
-export async function testConnectionCommand(io: CommandIo, name: string | undefined): Promise<number> {
-  if (!name) throw usageError('test-connection needs the integration name: iot-gateway test-connection NAME');
+/**
+ * Builds what one integration operation needs outside the daemon (its own provider and a
+ * connection to the store, next to a running daemon if there is one), runs it, and cleans up.
+ */
+async function withIntegration<T>(
+  io: CommandIo,
+  name: string,
+  run: (ctx: OperationContext) => Promise<T>,
+): Promise<T> {
   const loaded = loadForCommand(io);
   const integration = findIntegration(loaded, name);
   const logger = commandLogger(loaded);
   const { store, activity } = openStoreForCommand(loaded, logger);
   const provider = createProvider({ gatewayId: loaded.config.gateway.id, integration, logger, activity });
   try {
-    const result = await runConnectionTest({
-      provider,
-      integration,
-      activity,
-      logger,
-      signal: AbortSignal.timeout(OP_TIMEOUT_MS),
-    });
-    const where = typeof result.details.url === 'string' ? redactUrl(result.details.url) : integration.type;
-    if (result.ok) {
-      io.out(`${integration.name}: OK in ${result.latencyMs} ms (${where})`);
-    } else {
-      io.out(`${integration.name}: FAILED after ${result.latencyMs} ms (${where})`);
-      io.err(`${result.error?.code ?? 'error'}: ${result.error?.message ?? 'unknown error'}`);
-    }
-    return result.ok ? EXIT_OK : EXIT_FAILURE;
+    return await run({ provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) });
   } finally {
     await provider.close().catch(() => {});
     store.close();
   }
+}
+
+/** `iot-gateway test-connection NAME`: outcome and latency, recorded as activity. */
+export async function testConnectionCommand(io: CommandIo, name: string | undefined): Promise<number> {
+  if (!name) throw usageError('test-connection needs the integration name: iot-gateway test-connection NAME');
+  return withIntegration(io, name, async (ctx) => {
+    const result = await runConnectionTest(ctx);
+    const where =
+      typeof result.details.url === 'string' ? redactUrl(result.details.url) : ctx.integration.type;
+    if (result.ok) {
+      io.out(`${ctx.integration.name}: OK in ${result.latencyMs} ms (${where})`);
+    } else {
+      io.out(`${ctx.integration.name}: FAILED after ${result.latencyMs} ms (${where})`);
+      io.err(`${result.error?.code ?? 'error'}: ${result.error?.message ?? 'unknown error'}`);
+    }
+    return result.ok ? EXIT_OK : EXIT_FAILURE;
+  });
 }
 
 /** `iot-gateway sync NAME [--direction import|export|both]`: counts and a sync log row. */
@@ -58,24 +72,13 @@ export async function syncCommand(
   if (!['import', 'export', 'both'].includes(dir)) {
     throw usageError(`--direction must be import, export or both, not "${direction}"`);
   }
-  const loaded = loadForCommand(io);
-  const integration = findIntegration(loaded, name);
-  const logger = commandLogger(loaded);
-  const { store, activity } = openStoreForCommand(loaded, logger);
-  const provider = createProvider({ gatewayId: loaded.config.gateway.id, integration, logger, activity });
-  try {
-    const outcome = await runSync(
-      { provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) },
-      dir,
-    );
+  return withIntegration(io, name, async (ctx) => {
+    const outcome = await runSync(ctx, dir);
     io.out(
-      `${integration.name}: ${outcome.syncType} ${outcome.ok ? 'completed' : 'FAILED'} in ${outcome.durationMs} ms — processed ${outcome.recordsProcessed}, succeeded ${outcome.recordsSucceeded}, failed ${outcome.recordsFailed}`,
+      `${ctx.integration.name}: ${outcome.syncType} ${outcome.ok ? 'completed' : 'FAILED'} in ${outcome.durationMs} ms — processed ${outcome.recordsProcessed}, succeeded ${outcome.recordsSucceeded}, failed ${outcome.recordsFailed}`,
     );
     if (outcome.details?.note) io.out(`note: ${String(outcome.details.note)}`);
     if (outcome.error) io.err(`${outcome.error.code}: ${outcome.error.message}`);
     return outcome.ok ? EXIT_OK : EXIT_FAILURE;
-  } finally {
-    await provider.close().catch(() => {});
-    store.close();
-  }
+  });
 }

@@ -2,7 +2,8 @@ import { spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import Database from 'better-sqlite3';
 import mqtt from 'mqtt';
 import { describe, expect, it } from 'vitest';
 import { hashPassword } from '../../src/gateway/password-hash.js';
@@ -102,6 +103,22 @@ describe('iot-gateway CLI', () => {
     const unknown = cli(['test-connection', 'nope', '-c', good]);
     expect(unknown.code).toBe(2);
     expect(unknown.stderr).toMatch(/no integration named "nope".*configured: up/);
+  });
+
+  it('sync runs one sync, prints counts and writes a sync log row', () => {
+    const file = tempConfig(
+      `gateway: { id: gw, dataDir: DATADIR }\nintegrations:\n  - { name: up, id: ${randomUUID()}, type: mqtt, settings: { url: "mqtt://127.0.0.1:1883" } }\n`,
+    );
+    const r = cli(['sync', 'up', '--direction', 'import', '-c', file]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/up: import completed in \d+ ms — processed \d+, succeeded \d+, failed 0/);
+    const db = new Database(join(dirname(file), 'data', 'gateway.db'), { readonly: true });
+    const rows = db.prepare('SELECT sync_type, status, request_id FROM sync_log').all();
+    db.close();
+    expect(rows).toEqual([{ sync_type: 'import', status: 'success', request_id: expect.any(String) }]);
+    const bad = cli(['sync', 'up', '--direction', 'sideways', '-c', file]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--direction must be import, export or both/);
   });
 
   it('status explains when no daemon answers', async () => {
