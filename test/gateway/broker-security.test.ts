@@ -1,5 +1,4 @@
 import { mkdtempSync, rmSync } from 'node:fs';
-import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
@@ -13,6 +12,7 @@ import { createLogger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import type { IncomingMessage } from '../../src/store/outbox-types.js';
+import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-sec';
 const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
@@ -102,81 +102,8 @@ async function device(port: number, id: keyof typeof PASSWORDS): Promise<MqttCli
   return client;
 }
 
-interface Raw {
-  socket: Socket;
-  packets: Packet[];
-  next(cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>;
-  send(packet: Packet): void;
-  write(bytes: Buffer): void;
-  closed: Promise<void>;
-  readonly isClosed: boolean;
-}
-
-function raw(port: number): Promise<Raw> {
-  return new Promise((resolve, reject) => {
-    const socket = netConnect({ host: '127.0.0.1', port });
-    const parser = mqttPacket.parser({ protocolVersion: 4 });
-    const packets: Packet[] = [];
-    const waiters: (() => void)[] = [];
-    let isClosed = false;
-    parser.on('packet', (p: Packet) => {
-      packets.push(p);
-      for (const w of waiters.splice(0)) w();
-    });
-    parser.on('error', () => {});
-    socket.on('data', (d) => parser.parse(d));
-    socket.on('error', () => {});
-    const closed = new Promise<void>((r) =>
-      socket.once('close', () => {
-        isClosed = true;
-        r();
-      }),
-    );
-    running.push({ close: () => void socket.destroy() });
-    socket.once('connect', () =>
-      resolve({
-        socket,
-        packets,
-        closed,
-        get isClosed() {
-          return isClosed;
-        },
-        send: (p) => socket.write(mqttPacket.generate(p)),
-        write: (bytes) => socket.write(bytes),
-        next: (cmd, timeoutMs = 5000) =>
-          new Promise((res, rej) => {
-            let settled = false;
-            const timer = setTimeout(() => {
-              settled = true;
-              rej(new Error(`no ${cmd} within ${timeoutMs} ms`));
-            }, timeoutMs);
-            const check = () => {
-              if (settled) return;
-              const i = packets.findIndex((p) => p.cmd === cmd);
-              if (i >= 0) {
-                settled = true;
-                clearTimeout(timer);
-                res(packets.splice(i, 1)[0]!);
-              } else waiters.push(check);
-            };
-            check();
-          }),
-      }),
-    );
-    socket.once('error', reject);
-  });
-}
-
-function connectPacket(clientId: string, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
-  return {
-    cmd: 'connect',
-    protocolId: 'MQTT',
-    protocolVersion: 4,
-    clean: true,
-    clientId,
-    keepalive: 60,
-    ...extra,
-  };
+function raw(port: number): Promise<RawMqtt> {
+  return connectRaw(port, running, { ignoreParseErrors: true });
 }
 
 function login(id: keyof typeof PASSWORDS, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
@@ -194,14 +121,6 @@ async function connackCode(port: number, packet: Packet): Promise<number> {
 async function stillServes(client: MqttClient, id: string): Promise<void> {
   await client.publishAsync(`devices/${id}/telemetry`, 'alive', { qos: 1 });
   expect(client.connected).toBe(true);
-}
-
-async function waitUntil(check: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 /** Bounds a wait so a regression fails fast instead of at the test timeout. */

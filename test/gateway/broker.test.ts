@@ -1,9 +1,8 @@
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
-import mqttPacket, { type Packet } from 'mqtt-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
 import { ErrorCodes, GatewayError } from '../../src/errors.js';
@@ -14,6 +13,7 @@ import { createActivityLog, type ActivityLog } from '../../src/store/activity-lo
 import { openStore, type Store } from '../../src/store/database.js';
 import type { IncomingMessage } from '../../src/store/outbox-types.js';
 import { createTestPki, type TestPki } from '../helpers/certs.js';
+import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-test';
 const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
@@ -102,69 +102,8 @@ async function device(url: string, id: string, extra: mqtt.IClientOptions = {}):
   return client;
 }
 
-/** A raw MQTT connection for byte-level assertions. */
-interface Raw {
-  socket: Socket;
-  packets: Packet[];
-  next(cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>;
-  send(packet: Packet): void;
-  closed: Promise<void>;
-}
-
-function raw(port: number): Promise<Raw> {
-  return new Promise((resolve, reject) => {
-    const socket = netConnect({ host: '127.0.0.1', port });
-    const parser = mqttPacket.parser({ protocolVersion: 4 });
-    const packets: Packet[] = [];
-    const waiters: (() => void)[] = [];
-    parser.on('packet', (p: Packet) => {
-      packets.push(p);
-      for (const w of waiters.splice(0)) w();
-    });
-    socket.on('data', (d) => parser.parse(d));
-    socket.on('error', () => {});
-    const closed = new Promise<void>((r) => socket.once('close', () => r()));
-    running.push({ close: () => void socket.destroy() });
-    socket.once('connect', () =>
-      resolve({
-        socket,
-        packets,
-        closed,
-        send: (p) => socket.write(mqttPacket.generate(p)),
-        next: (cmd, timeoutMs = 5000) =>
-          new Promise((res, rej) => {
-            let settled = false;
-            const timer = setTimeout(() => {
-              settled = true;
-              rej(new Error(`no ${cmd} within ${timeoutMs} ms`));
-            }, timeoutMs);
-            const check = () => {
-              if (settled) return;
-              const i = packets.findIndex((p) => p.cmd === cmd);
-              if (i >= 0) {
-                settled = true;
-                clearTimeout(timer);
-                res(packets.splice(i, 1)[0]!);
-              } else waiters.push(check);
-            };
-            check();
-          }),
-      }),
-    );
-    socket.once('error', reject);
-  });
-}
-
-function connectPacket(clientId: string, extra: Partial<mqttPacket.IConnectPacket> = {}): Packet {
-  return {
-    cmd: 'connect',
-    protocolId: 'MQTT',
-    protocolVersion: 4,
-    clean: true,
-    clientId,
-    keepalive: 60,
-    ...extra,
-  };
+function raw(port: number): Promise<RawMqtt> {
+  return connectRaw(port, running);
 }
 
 function deferred<T = void>() {
@@ -175,14 +114,6 @@ function deferred<T = void>() {
     reject = rej;
   });
   return { promise, resolve, reject };
-}
-
-async function waitUntil(check: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 describe('broker', () => {

@@ -4,7 +4,6 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
 import { createBackoff } from '../../src/gateway/backoff.js';
@@ -13,17 +12,17 @@ import {
   type ConnectionSupervisor,
   type SupervisorState,
 } from '../../src/gateway/connection-supervisor.js';
-import { createLogger } from '../../src/logger.js';
 import { createMqttProvider } from '../../src/providers/mqtt/mqtt-provider.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import { startTcpProxy } from '../helpers/tcp-proxy.js';
 
 interface Harness {
   dir: string;
   store: Store;
   activity: ActivityLog;
-  logs: { msg: string; [k: string]: unknown }[];
+  logs: LogRecord[];
   cleanups: (() => Promise<void> | void)[];
   integrationId: string;
 }
@@ -32,18 +31,8 @@ let h: Harness;
 
 function setUp(): Harness {
   const dir = mkdtempSync(join(tmpdir(), 'gw-sup-'));
-  const logs: Harness['logs'] = [];
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const line of chunk.toString('utf8').split('\n').filter(Boolean))
-          logs.push(JSON.parse(line) as Harness['logs'][number]);
-        cb();
-      },
-    }),
-  });
+  const logs: LogRecord[] = [];
+  const logger = createCaptureLogger(logs);
   const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
   const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
   return { dir, store, activity, logs, cleanups: [], integrationId: randomUUID() };
@@ -75,17 +64,7 @@ function supervise(
       },
     ],
   }).integrations[0]!;
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const line of chunk.toString('utf8').split('\n').filter(Boolean))
-          h.logs.push(JSON.parse(line) as Harness['logs'][number]);
-        cb();
-      },
-    }),
-  }).child({ integrationId: integration.id });
+  const logger = createCaptureLogger(h.logs).child({ integrationId: integration.id });
   const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
   const supervisor = createConnectionSupervisor({
     provider,

@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { connectAsync } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
@@ -13,13 +12,14 @@ import {
 } from '../../src/gateway/connection-supervisor.js';
 import { createForwarder, type Forwarder } from '../../src/gateway/forwarder.js';
 import { createRateLimiter } from '../../src/gateway/rate-limiter.js';
-import { createLogger, type Logger } from '../../src/logger.js';
+import type { Logger } from '../../src/logger.js';
 import { createMqttProvider } from '../../src/providers/mqtt/mqtt-provider.js';
 import type { Provider } from '../../src/providers/provider.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createOutbox } from '../../src/store/outbox.js';
 import type { Outbox, QueueLimits } from '../../src/store/outbox-types.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import { startMosquitto, type PrivateMosquitto } from '../helpers/mosquitto.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
@@ -36,7 +36,7 @@ interface Harness {
   activity: ActivityLog;
   outbox: Outbox;
   logger: Logger;
-  logs: { msg: string; [k: string]: unknown }[];
+  logs: LogRecord[];
   integrationId: string;
   prefix: string;
   proxy: TcpProxy;
@@ -55,18 +55,8 @@ afterAll(async () => {
 
 async function setUp(): Promise<Harness> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-fwd-'));
-  const logs: Harness['logs'] = [];
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        for (const line of chunk.toString('utf8').split('\n').filter(Boolean))
-          logs.push(JSON.parse(line) as Harness['logs'][number]);
-        cb();
-      },
-    }),
-  });
+  const logs: LogRecord[] = [];
+  const logger = createCaptureLogger(logs);
   const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
   const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
   const outbox = createOutbox({ db: store.db, logger, activity });
