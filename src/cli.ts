@@ -4,14 +4,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ConfigError, defaultConfigPath, formatIssue } from './config/load.js';
 import { ErrorCodes, isGatewayError, errorMessage } from './errors.js';
-import { activityCommand } from './commands/activity.js';
-import { dbMigrateCommand, replicateCommand } from './commands/central.js';
-import { checkConfigCommand } from './commands/check-config.js';
 import { EXIT_FAILURE, EXIT_USAGE, usageError, type CommandIo } from './commands/common.js';
-import { hashPasswordCommand } from './commands/hash-password.js';
-import { syncCommand, testConnectionCommand } from './commands/integration-ops.js';
-import { runCommand } from './commands/run.js';
-import { statusCommand } from './commands/status.js';
 import { VERSION } from './version.js';
 
 const USAGE = `iot-gateway ${VERSION} — on-premise IoT gateway
@@ -82,27 +75,30 @@ export async function main(argv: string[], io: Omit<CommandIo, 'configPath'>): P
   }
   const cmdIo: CommandIo = { ...io, configPath: values.config ?? defaultConfigPath(io.env) };
   try {
+    // Commands are loaded on demand: `run` never pays for pg, `status` never for aedes.
     switch (command) {
       case 'run':
-        return await runCommand(cmdIo);
+        return await (await import('./commands/run.js')).runCommand(cmdIo);
       case 'check-config':
-        return checkConfigCommand(cmdIo);
+        return (await import('./commands/check-config.js')).checkConfigCommand(cmdIo);
       case 'hash-password':
-        return await hashPasswordCommand(cmdIo);
+        return await (await import('./commands/hash-password.js')).hashPasswordCommand(cmdIo);
       case 'test-connection':
-        return await testConnectionCommand(cmdIo, rest[0]);
+        return await (await import('./commands/integration-ops.js')).testConnectionCommand(cmdIo, rest[0]);
       case 'sync':
-        return await syncCommand(cmdIo, rest[0], values.direction);
+        return await (
+          await import('./commands/integration-ops.js')
+        ).syncCommand(cmdIo, rest[0], values.direction);
       case 'status':
-        return await statusCommand(cmdIo, values.json ?? false);
+        return await (await import('./commands/status.js')).statusCommand(cmdIo, values.json ?? false);
       case 'activity':
-        return activityCommand(cmdIo, values);
+        return (await import('./commands/activity.js')).activityCommand(cmdIo, values);
       case 'db':
         if (rest[0] !== 'migrate')
           throw usageError('the db command has one subcommand: iot-gateway db migrate [--url URL]');
-        return await dbMigrateCommand(cmdIo, values.url);
+        return await (await import('./commands/central.js')).dbMigrateCommand(cmdIo, values.url);
       case 'replicate':
-        return await replicateCommand(cmdIo, values.once ?? false);
+        return await (await import('./commands/central.js')).replicateCommand(cmdIo, values.once ?? false);
       default:
         throw usageError(`unknown command "${command}"; see iot-gateway --help`);
     }

@@ -10,7 +10,7 @@ import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
 import { openStore, type Store } from '../store/database.js';
 import { createOutbox } from '../store/outbox.js';
 import type { Outbox } from '../store/outbox-types.js';
-import { createReplicator, type Replicator } from '../store/replicator.js';
+import type { Replicator } from '../store/replicator.js';
 import { createRetention } from '../store/retention.js';
 import { createBroker, type Broker } from './broker.js';
 import { watchConfigFile } from './config-watcher.js';
@@ -19,7 +19,7 @@ import { watchFailures } from './failure-alerts.js';
 import { createForwarder, type Forwarder } from './forwarder.js';
 import { createHttpServer, type HttpServer } from './http-server.js';
 import { createIngest, type Ingest } from './ingest.js';
-import { createMetrics } from './metrics.js';
+import type { Metrics } from './metrics.js';
 import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { scheduleJob, type ScheduledJob } from './schedules.js';
 import type { GatewayStatusSnapshot, IntegrationStatus, ReplicationStatus } from './status.js';
@@ -65,6 +65,7 @@ interface IntegrationRuntime {
 }
 
 const QUEUE_EXPIRY_INTERVAL_MS = 60_000;
+const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 /** Below this much free space in dataDir the store counts as not writable (/readyz fails). */
 const MIN_FREE_BYTES = 16 * 1024 * 1024;
 
@@ -369,12 +370,14 @@ export function createGateway(options: GatewayOptions): Gateway {
           isReady,
           activity,
           dashboard: config.features.dashboard,
-          metrics: createMetrics({ getStatus: status }),
+          metrics: lazyMetrics(status),
         });
         httpAddress = await http.listen();
       }
       checkAbort();
       if (config.central && config.gateway.organizationId) {
+        // pg is loaded only when replication is configured (~15 MB of RSS otherwise).
+        const { createReplicator } = await import('../store/replicator.js');
         replicator = createReplicator({
           db: store.db,
           central: config.central,
@@ -593,6 +596,18 @@ export function createGateway(options: GatewayOptions): Gateway {
 /** Which parts of an integration restart it: its identity, type and provider settings. */
 function integrationNeedsRestart(a: IntegrationConfig, b: IntegrationConfig): boolean {
   return a.type !== b.type || a.name !== b.name || JSON.stringify(a.settings) !== JSON.stringify(b.settings);
+}
+
+/** prom-client is loaded on the first scrape, not at start: a gateway nobody scrapes saves ~12 MB. */
+function lazyMetrics(getStatus: () => GatewayStatusSnapshot): Pick<Metrics, 'contentType' | 'render'> {
+  let metrics: Promise<Metrics> | undefined;
+  return {
+    contentType: PROMETHEUS_CONTENT_TYPE,
+    async render() {
+      metrics ??= import('./metrics.js').then((m) => m.createMetrics({ getStatus }));
+      return (await metrics).render();
+    },
+  };
 }
 
 /** `next` with the values of `keys` (dotted paths) taken from `running`: they wait for a restart. */

@@ -23,7 +23,8 @@ export interface HttpServerOptions {
   activity: ActivityLog;
   /** Serve the dashboard at `/` (config `features.dashboard`). */
   dashboard: boolean;
-  metrics: Metrics;
+  /** What /metrics needs: text and its Content-Type (the registry itself stays private). */
+  metrics: Pick<Metrics, 'contentType' | 'render'>;
 }
 
 export interface HttpServer {

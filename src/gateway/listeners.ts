@@ -3,7 +3,7 @@ import { createServer as createHttpServer } from 'node:http';
 import { createServer as createNetServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { createServer as createTlsServer, type TLSSocket } from 'node:tls';
-import { WebSocketServer, createWebSocketStream } from 'ws';
+import type { WebSocketServer } from 'ws';
 import type { ListenerConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -104,7 +104,7 @@ export function createListeners(options: ListenersOptions): Listeners {
     }
   };
 
-  const build = (config: ListenerConfig, index: number): Started => {
+  const build = (config: ListenerConfig, index: number, ws: typeof import('ws') | undefined): Started => {
     switch (config.type) {
       case 'tcp': {
         const server = createNetServer({ noDelay: true });
@@ -178,15 +178,15 @@ export function createListeners(options: ListenersOptions): Listeners {
         server.headersTimeout = options.connectTimeout;
         server.requestTimeout = options.connectTimeout;
         server.on('connection', (socket: Socket) => void admit(socket, 'ws'));
-        const wss = new WebSocketServer({
+        const wss = new ws!.WebSocketServer({
           server,
           path: config.path,
           // Frames are cut by ws itself; MQTT packets by limitPacketSize on the stream.
           maxPayload: options.maxPacketSize,
           perMessageDeflate: false,
         });
-        wss.on('connection', (ws, req) => {
-          const stream = createWebSocketStream(ws);
+        wss.on('connection', (socket, req) => {
+          const stream = ws!.createWebSocketStream(socket);
           hand(stream, {
             listener: 'ws',
             listenerIndex: index,
@@ -236,7 +236,9 @@ export function createListeners(options: ListenersOptions): Listeners {
       const bound: BoundListener[] = [];
       try {
         for (const [index, config] of options.listeners.entries()) {
-          const entry = build(config, index);
+          // ws is loaded only when a WebSocket listener is configured (it costs ~10 MB of RSS).
+          const ws = config.type === 'ws' ? await import('ws') : undefined;
+          const entry = build(config, index, ws);
           started.push(entry);
           bound.push(await bind(entry, config, index));
         }
