@@ -1,6 +1,7 @@
 import cron from 'node-cron';
 import { z } from 'zod';
 import { providerSettingsSchemas, PROVIDER_TYPES } from '../providers/settings.js';
+import { topicFilterProblem } from './topic-filter.js';
 import { parseDuration, parseRate, parseSize } from './units.js';
 
 /**
@@ -66,20 +67,6 @@ export const topicFilter = z.string().superRefine((v, ctx) => {
   const problem = topicFilterProblem(v);
   if (problem) ctx.addIssue({ code: z.ZodIssueCode.custom, message: problem });
 });
-
-export function topicFilterProblem(filter: string): string | undefined {
-  if (filter.length === 0) return 'a topic filter cannot be empty';
-  if (filter.includes('\u0000')) return 'a topic filter cannot contain NUL';
-  const levels = filter.split('/');
-  for (let i = 0; i < levels.length; i++) {
-    const level = levels[i]!;
-    if (level.includes('#') && (level !== '#' || i !== levels.length - 1)) {
-      return `"${filter}": '#' must be the whole last level`;
-    }
-    if (level.includes('+') && level !== '+') return `"${filter}": '+' must be a whole level`;
-  }
-  return undefined;
-}
 
 const identifier = z
   .string()

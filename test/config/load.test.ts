@@ -179,3 +179,37 @@ describe('config loading', () => {
     expect(quick.config.gateway.id).toBeTruthy();
   });
 });
+
+describe('mqtt provider settings', () => {
+  it('refuse outbound and inbound mappings that cannot work', () => {
+    const text = [
+      'gateway: { id: gw }',
+      'integrations:',
+      '  - name: up',
+      '    id: 0b7e6f2a-1c3d-4e5f-8a9b-7c6d5e4f3a21',
+      '    type: mqtt',
+      '    settings:',
+      '      url: "mqtt://127.0.0.1:1883"',
+      '      outbound: [{ local: "devices/+/telemetry", remote: "site/{1}/{2}" }]',
+      '      inbound: [{ remote: "cmd/#/x", local: "devices/{1}" }]',
+    ].join('\n');
+    let issues: { path: string; message: string }[] = [];
+    try {
+      parseConfigText(text, '/tmp/x.yaml', {});
+    } catch (err) {
+      issues = (err as ConfigError).issues;
+    }
+    expect(issues).toContainEqual(
+      expect.objectContaining({
+        path: 'integrations[0].settings.outbound[0]',
+        message: expect.stringMatching(/uses \{2\} but "devices\/\+\/telemetry" has 1 wildcard/),
+      }),
+    );
+    expect(issues).toContainEqual(
+      expect.objectContaining({
+        path: 'integrations[0].settings.inbound[0]',
+        message: expect.stringMatching(/'#' must be the whole last level/),
+      }),
+    );
+  });
+});

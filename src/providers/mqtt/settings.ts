@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { templateProblem, topicFilterProblem } from '../../config/topic-filter.js';
 import { parseDuration, parseSize } from '../../config/units.js';
 
 const durationMs = (fallback: string) =>
@@ -72,9 +73,21 @@ export const mqttSettingsSchema = z
       .default([]),
   })
   .strict()
-  .refine((s) => (s.cert === undefined) === (s.key === undefined), {
-    message: 'cert and key go together: give both for a client certificate, or neither',
-    path: ['cert'],
+  .superRefine((s, ctx) => {
+    if ((s.cert === undefined) !== (s.key === undefined)) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['cert'],
+        message: 'cert and key go together: give both for a client certificate, or neither',
+      });
+    }
+    // Mapping mistakes surface here, not as dead-lettered messages at run time.
+    const check = (path: (string | number)[], filter: string, template: string) => {
+      const problem = topicFilterProblem(filter) ?? templateProblem(template, filter);
+      if (problem) ctx.addIssue({ code: z.ZodIssueCode.custom, path, message: problem });
+    };
+    s.outbound.forEach((rule, i) => check(['outbound', i], rule.local, rule.remote));
+    s.inbound.forEach((rule, i) => check(['inbound', i], rule.remote, rule.local));
   });
 
 export type MqttSettings = z.output<typeof mqttSettingsSchema>;
