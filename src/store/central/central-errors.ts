@@ -61,6 +61,15 @@ export function classifyCentralError(err: unknown, where: string): CentralFailur
       true,
     );
   }
+  // pg throws this plain Error itself when the server asks for a SCRAM password the URL lacks.
+  if (sqlstate === undefined && /client password must be a (non-empty )?string/.test(message)) {
+    return make(
+      'auth',
+      ErrorCodes.CENTRAL_AUTH,
+      'central PostgreSQL asks for a password but the connection URL has none; add it to the URL (postgres://user:password@host/db in central.url, or --url for db migrate)',
+      true,
+    );
+  }
   if (sqlstate === undefined || !/^[0-9A-Z]{5}$/.test(sqlstate)) {
     // pg reports timeouts and dropped sockets as plain Errors ("Connection terminated …").
     return make(
@@ -71,6 +80,16 @@ export function classifyCentralError(err: unknown, where: string): CentralFailur
     );
   }
   const cls = sqlstate.slice(0, 2);
+  if (sqlstate === '28P01') {
+    // PostgreSQL says the same for an unknown user (it does not reveal which logins exist).
+    const user = /for user "([^"]*)"/.exec(message)?.[1];
+    return make(
+      'auth',
+      ErrorCodes.CENTRAL_AUTH,
+      `central PostgreSQL refused the password${user === undefined ? '' : ` for user "${user}"`} (28P01); put the right user and password in the connection URL (central.url, or --url for db migrate)`,
+      true,
+    );
+  }
   if (cls === '28') {
     return make(
       'auth',
