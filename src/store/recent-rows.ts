@@ -69,13 +69,7 @@ export function createRecentRows(options: {
     read(integrationId, afterId, limit, now) {
       const q = queueOf(integrationId);
       if (afterId < q.floor) return undefined;
-      let lo = 0;
-      let hi = q.rows.length;
-      while (lo < hi) {
-        const mid = (lo + hi) >>> 1;
-        if (q.rows[mid]!.message.id <= afterId) lo = mid + 1;
-        else hi = mid;
-      }
+      const lo = upperBound(q.rows, afterId);
       const out: OutboundMessage[] = [];
       for (let i = lo; i < q.rows.length && out.length < limit; i++) {
         const row = q.rows[i]!;
@@ -86,12 +80,39 @@ export function createRecentRows(options: {
     remove(integrationId, ids) {
       const q = queues.get(integrationId);
       if (q === undefined || q.rows.length === 0) return;
-      const gone = new Set(ids);
-      keep(q, (row) => !gone.has(row.message.id));
+      // Acks come in batches of mostly the oldest rows: find each by binary search and compact
+      // once from the first hit, instead of filtering the whole queue per call.
+      const hits: number[] = [];
+      for (const id of ids) {
+        const i = indexOf(q.rows, id);
+        if (i >= 0) hits.push(i);
+      }
+      if (hits.length === 0) return;
+      hits.sort((a, b) => a - b);
+      const gone = hits.filter((v, i) => i === 0 || v !== hits[i - 1]);
+      for (const i of gone) q.bytes -= q.rows[i]!.message.payload.length;
+      if (gone[gone.length - 1] === gone.length - 1) {
+        q.rows.splice(0, gone.length); // the oldest rows: the usual case
+        return;
+      }
+      let w = gone[0]!;
+      let k = 0;
+      for (let r = gone[0]!; r < q.rows.length; r++) {
+        if (k < gone.length && gone[k] === r) {
+          k++;
+          continue;
+        }
+        q.rows[w++] = q.rows[r]!;
+      }
+      q.rows.length = w;
     },
     removeUpTo(integrationId, id) {
       const q = queues.get(integrationId);
-      if (q !== undefined) keep(q, (row) => row.message.id > id);
+      if (q === undefined || q.rows.length === 0) return;
+      const end = upperBound(q.rows, id);
+      if (end === 0) return;
+      for (let i = 0; i < end; i++) q.bytes -= q.rows[i]!.message.payload.length;
+      q.rows.splice(0, end);
     },
     bumpAttempts(integrationId, ids) {
       const q = queues.get(integrationId);
@@ -103,4 +124,22 @@ export function createRecentRows(options: {
       for (const q of queues.values()) keep(q, (row) => row.expiresAt === null || row.expiresAt > now);
     },
   };
+}
+
+/** Index of the first row with id > `id` (rows are in id order). */
+function upperBound(rows: readonly CachedRow[], id: number): number {
+  let lo = 0;
+  let hi = rows.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (rows[mid]!.message.id <= id) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Index of the row with this id, or -1. */
+function indexOf(rows: readonly CachedRow[], id: number): number {
+  const i = upperBound(rows, id) - 1;
+  return i >= 0 && rows[i]!.message.id === id ? i : -1;
 }
