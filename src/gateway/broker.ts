@@ -79,6 +79,9 @@ export interface Broker {
   close(): Promise<void>;
 }
 
+/** Topics per ACL whose publish permission is remembered; the memo starts over when full. */
+const PUBLISH_MEMO_TOPICS = 1000;
+
 interface Session {
   identity: Identity;
   client: Client;
@@ -112,8 +115,32 @@ export function createBroker(options: BrokerOptions): Broker {
   let listening = false;
   let closing: Promise<void> | undefined;
 
+  /** The anonymous ACL of the current config (one object per config, so its memo below holds). */
+  let anonymous: { config: typeof config; acl: EffectiveAcl } | undefined;
+  /** canPublish answers per ACL object and topic; a reload makes new ACL objects. */
+  const publishMemo = new WeakMap<EffectiveAcl, Map<string, boolean>>();
+  const mayPublish = (acl: EffectiveAcl, topic: string): boolean => {
+    let memo = publishMemo.get(acl);
+    if (memo === undefined) {
+      memo = new Map();
+      publishMemo.set(acl, memo);
+    }
+    let allowed = memo.get(topic);
+    if (allowed === undefined) {
+      allowed = canPublish(acl, topic);
+      if (memo.size >= PUBLISH_MEMO_TOPICS) memo.clear();
+      memo.set(topic, allowed);
+    }
+    return allowed;
+  };
+
   const aclOf = (identity: Identity): EffectiveAcl => {
-    if (identity.kind === 'anonymous') return anonymousAcl(config);
+    if (identity.kind === 'anonymous') {
+      if (anonymous === undefined || anonymous.config !== config) {
+        anonymous = { config, acl: anonymousAcl(config) };
+      }
+      return anonymous.acl;
+    }
     let acl = aclCache.get(identity.id);
     if (acl === undefined) {
       const device = auth.device(identity.id);
@@ -217,7 +244,7 @@ export function createBroker(options: BrokerOptions): Broker {
           : typeof willOwner === 'string'
             ? connected.get(willOwner)
             : undefined;
-        if (!session || !canPublish(aclOf(session.identity), topic)) {
+        if (!session || !mayPublish(aclOf(session.identity), topic)) {
           const remoteAddress = session?.remoteAddress ?? null;
           logger.warn({ clientId: client?.id ?? null, topic }, 'publish_denied');
           throttle.note(

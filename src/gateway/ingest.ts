@@ -30,12 +30,38 @@ interface RouteTable {
 }
 
 const FAILURE_LOG_INTERVAL_MS = 1000;
+/** Topics whose matching routes are remembered; the memo starts over when it is full. */
+const ROUTE_MEMO_TOPICS = 10_000;
+
+/** A route table entry that matched a topic, with the highest QoS of its matching routes. */
+interface RouteHit {
+  entry: RouteTable;
+  routeQos: 0 | 1 | 2;
+}
 
 /** Route matching and the commit-before-PUBACK path (SPEC §5). */
 export function createIngest(options: IngestOptions): Ingest {
   const { outbox, logger } = options;
   const now = options.now ?? Date.now;
   let table: readonly RouteTable[] = buildTable(options.integrations);
+  // Devices publish to a few topics over and over: match each topic against the routes once.
+  let memo = new Map<string, readonly RouteHit[]>();
+  const routesFor = (topic: string): readonly RouteHit[] => {
+    let hits = memo.get(topic);
+    if (hits !== undefined) return hits;
+    const found: RouteHit[] = [];
+    for (const entry of table) {
+      let routeQos = -1;
+      for (const route of entry.routes) {
+        if (route.qos > routeQos && matchTopic(route.from, topic) !== null) routeQos = route.qos;
+      }
+      if (routeQos >= 0) found.push({ entry, routeQos: routeQos as 0 | 1 | 2 });
+    }
+    hits = found;
+    if (memo.size >= ROUTE_MEMO_TOPICS) memo = new Map();
+    memo.set(topic, hits);
+    return hits;
+  };
   let qos0Failures = 0;
   // QoS 0 failures come in floods (disk full, queue full): one line per second with the count.
   let unloggedFailures = 0;
@@ -84,20 +110,17 @@ export function createIngest(options: IngestOptions): Ingest {
     },
 
     accept(message) {
-      const targets: EnqueueTarget[] = [];
-      for (const entry of table) {
-        let routeQos = -1;
-        for (const route of entry.routes) {
-          if (route.qos > routeQos && matchTopic(route.from, message.topic) !== null) routeQos = route.qos;
-        }
-        if (routeQos < 0) continue;
-        targets.push({
+      const hits = routesFor(message.topic);
+      if (hits.length === 0) return null;
+      const targets: EnqueueTarget[] = new Array<EnqueueTarget>(hits.length);
+      for (let i = 0; i < hits.length; i++) {
+        const { entry, routeQos } = hits[i]!;
+        targets[i] = {
           integrationId: entry.integrationId,
           limits: entry.limits,
           qos: Math.min(message.qos, routeQos) as 0 | 1 | 2,
-        });
+        };
       }
-      if (targets.length === 0) return null;
       const committed = outbox.enqueue(message, targets);
       if (message.qos === 0) {
         committed.catch((err: unknown) => noteQos0Failure(err, message));
@@ -108,6 +131,7 @@ export function createIngest(options: IngestOptions): Ingest {
 
     setIntegrations(integrations) {
       table = buildTable(integrations);
+      memo = new Map();
     },
   };
 }

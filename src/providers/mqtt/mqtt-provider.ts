@@ -89,8 +89,41 @@ type Purpose = 'stream' | 'test' | 'import';
  * inbound filter that overlaps an outbound remote topic echoes our own publications back
  * (mapped to the inbound rule's local topic) — avoid such overlaps or use protocol 5.
  */
+/** (device, topic) pairs whose outbound mapping is remembered; the memo starts over when full. */
+const OUTBOUND_MEMO_TOPICS = 10_000;
+
 export function createMqttProvider(context: ProviderContext): Provider {
   const settings: MqttSettings = mqttSettingsSchema.parse(context.integration.settings);
+  // The outbound rule and remote topic of each (device, topic) pair, worked out once: devices
+  // publish to the same few topics over and over. Settings never change for this provider.
+  type OutboundRule = MqttSettings['outbound'][number];
+  type OutboundMapping = { remote: string; rule: OutboundRule } | { error: unknown } | null;
+  let outboundMemo = new Map<string, OutboundMapping>();
+  const mapOutbound = (message: OutboundMessage): OutboundMapping => {
+    const key = `${message.deviceId}\u0000${message.topic}`;
+    let mapped = outboundMemo.get(key);
+    if (mapped !== undefined) return mapped;
+    mapped = null;
+    try {
+      for (const rule of settings.outbound) {
+        const captures = matchTopic(rule.local, message.topic);
+        if (captures === null) continue;
+        const remote = expandTemplate(rule.remote, {
+          topic: message.topic,
+          deviceId: message.deviceId,
+          gatewayId: context.gatewayId,
+          captures,
+        });
+        mapped = { remote, rule };
+        break;
+      }
+    } catch (err) {
+      mapped = { error: err };
+    }
+    if (outboundMemo.size >= OUTBOUND_MEMO_TOPICS) outboundMemo = new Map();
+    outboundMemo.set(key, mapped);
+    return mapped;
+  };
   const logger: Logger = context.logger.child({ component: 'mqtt' });
   const clientId = settings.clientId ?? `${context.gatewayId}-${context.integration.name}`;
   const endpoint = redactUrl(settings.url);
@@ -426,28 +459,17 @@ export function createMqttProvider(context: ProviderContext): Provider {
       if (current === undefined || current.lost || !current.client.connected) {
         return Promise.reject(notConnected(`not connected to ${endpoint}`));
       }
-      let remote: string | undefined;
-      let qos: 0 | 1 | 2 = message.qos;
-      let retain = message.retain;
-      try {
-        for (const rule of settings.outbound) {
-          const captures = matchTopic(rule.local, message.topic);
-          if (captures === null) continue;
-          remote = expandTemplate(rule.remote, {
-            topic: message.topic,
-            deviceId: message.deviceId,
-            gatewayId: context.gatewayId,
-            captures,
-          });
-          qos = rule.qos ?? message.qos;
-          retain = rule.retain === 'as-published' ? message.retain : rule.retain;
-          break;
-        }
-      } catch (err) {
+      const mapped = mapOutbound(message);
+      if (mapped !== null && 'error' in mapped) {
+        const err = mapped.error;
         return Promise.reject(
           new GatewayError(ErrorCodes.PROVIDER_REJECTED, errorMessage(err), { retryable: false, cause: err }),
         );
       }
+      const remote = mapped?.remote;
+      const rule = mapped?.rule;
+      const qos: 0 | 1 | 2 = rule?.qos ?? message.qos;
+      const retain = rule === undefined || rule.retain === 'as-published' ? message.retain : rule.retain;
       if (remote === undefined) {
         return Promise.reject(
           new GatewayError(
