@@ -23,8 +23,12 @@ import { mqttSettingsSchema, type MqttSettings } from './settings.js';
 /** MQTT's own ceiling: the largest Remaining Length a packet can declare (256 MiB − 1). */
 const MQTT_MAX_REMAINING_LENGTH = 268_435_455;
 const DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024;
-/** Unacknowledged publishes when the server does not announce a Receive Maximum (3.1.1). */
-const DEFAULT_MAX_INFLIGHT = 100;
+/**
+ * Unacknowledged publishes when the server does not announce a Receive Maximum (3.1.1 has no
+ * such limit): the packet id space. The integration's `queue.inflight` (default 100) is then
+ * the window, as configured, instead of being cut to a guessed 100.
+ */
+const DEFAULT_MAX_INFLIGHT = 65_535;
 /** How long `import` listens for the retained messages a fresh subscription brings. */
 const IMPORT_WINDOW_MS = 1000;
 /** Bound on a graceful DISCONNECT at close(). */
