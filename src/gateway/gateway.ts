@@ -94,6 +94,8 @@ export function createGateway(options: GatewayOptions): Gateway {
   let stopAlerts: (() => void) | undefined;
   let stopWake: (() => void) | undefined;
   const integrations = new Map<string, IntegrationRuntime>();
+  let boundListeners: GatewayStatusSnapshot['broker']['listeners'] = [];
+  let httpAddress: { host: string; port: number } | undefined;
   let stopping = false;
   let reloading: Promise<ReloadResult> | undefined;
 
@@ -210,11 +212,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     });
   }
 
-  function isReady(): { ready: boolean; reasons: string[] } {
+  function isReady(writable = storeWritable()): { ready: boolean; reasons: string[] } {
     const reasons: string[] = [];
     if (!broker?.listening) reasons.push('broker is not listening');
     if (!store) reasons.push('store is not open');
-    else if (!storeWritable()) reasons.push('store is not writable');
+    else if (!writable) reasons.push('store is not writable');
     if (stopping) reasons.push('gateway is stopping');
     return { ready: reasons.length === 0, reasons };
   }
@@ -283,13 +285,14 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   function status(): GatewayStatusSnapshot {
     const t = now();
+    const writable = storeWritable();
     return {
       gatewayId: config.gateway.id,
       version: VERSION,
       pid: process.pid,
       startedAt,
       now: t,
-      ready: isReady().ready,
+      ready: isReady(writable).ready,
       broker: {
         listening: broker?.listening ?? false,
         listeners: boundListeners,
@@ -300,7 +303,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       },
       store: {
         file: store?.file ?? '',
-        writable: storeWritable(),
+        writable,
         writeFailures: activity?.writeFailures ?? 0,
       },
       integrations: config.integrations.map(integrationStatus),
@@ -308,8 +311,6 @@ export function createGateway(options: GatewayOptions): Gateway {
       config: { file: configFile, loadedAt: configLoadedAt, lastError: lastConfigError, pendingRestart },
     };
   }
-
-  let boundListeners: GatewayStatusSnapshot['broker']['listeners'] = [];
 
   async function start(signal?: AbortSignal): Promise<void> {
     const checkAbort = () => {
@@ -424,8 +425,6 @@ export function createGateway(options: GatewayOptions): Gateway {
       throw err;
     }
   }
-
-  let httpAddress: { host: string; port: number } | undefined;
 
   async function stop(reason: string): Promise<number> {
     if (stopping) return 0;
