@@ -42,8 +42,12 @@ const OWN_ACTIVITY_TYPES = new Set(['replicate', 'replication_rejected']);
 const MAX_BACKOFF_MS = 5 * 60_000;
 const REPORT_EVERY_MS = 60_000;
 const STATUS_CACHE_MS = 1_000;
-/** PostgreSQL connections that insert batches concurrently while a backlog drains. */
-const LANES = 2;
+/**
+ * PostgreSQL connections that insert batches concurrently while a backlog drains. One: with two,
+ * a suite run under load once set a good row aside as rejected (a race between the lanes that is
+ * not understood yet), and a wrongly rejected row is worse than a slower drain.
+ */
+const LANES = 1;
 /** Committed rows are marked in SQLite once this many have gathered, or this long after the last mark, and at the end of a run. */
 const MARK_EVERY_ROWS = 2_000;
 const MARK_EVERY_MS = 50;
