@@ -4,27 +4,28 @@ import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import mqttPacket, { type Packet } from 'mqtt-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
+import type { Config, ConfigInput } from '../../src/config/schema.js';
 import { createBroker, type Broker } from '../../src/gateway/broker.js';
 import { createPacketSizeScanner } from '../../src/gateway/packet-limit.js';
-import { hashPassword } from '../../src/gateway/password-hash.js';
 import { createLogger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import type { IncomingMessage } from '../../src/store/outbox-types.js';
+import {
+  PASSWORDS,
+  hashDevicePasswords,
+  twoDeviceBrokerConfig,
+  type DeviceHashes,
+} from '../helpers/broker-fixture.js';
 import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-sec';
-const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
-let hashes: Record<string, string>;
+let hashes: DeviceHashes;
 let root: string;
 const running: { close(): Promise<void> | void }[] = [];
 
 beforeAll(async () => {
-  hashes = {
-    'sensor-1': await hashPassword(PASSWORDS['sensor-1']),
-    'sensor-2': await hashPassword(PASSWORDS['sensor-2']),
-  };
+  hashes = await hashDevicePasswords();
   root = mkdtempSync(join(tmpdir(), 'gw-broker-sec-'));
 });
 
@@ -35,17 +36,7 @@ afterEach(async () => {
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
-  return configSchema.parse({
-    gateway: { id: GATEWAY_ID, dataDir: root },
-    broker: {
-      listeners: [{ type: 'tcp', host: '127.0.0.1', port: 0 }],
-      devices: [
-        { id: 'sensor-1', passwordHash: hashes['sensor-1'] },
-        { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
-      ],
-      ...broker,
-    },
-  }).broker;
+  return twoDeviceBrokerConfig(GATEWAY_ID, root, hashes, broker);
 }
 
 interface Harness {

@@ -4,30 +4,31 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
+import type { Config, ConfigInput } from '../../src/config/schema.js';
 import { ErrorCodes, GatewayError } from '../../src/errors.js';
 import { createBroker, type Broker } from '../../src/gateway/broker.js';
-import { hashPassword } from '../../src/gateway/password-hash.js';
 import { createLogger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import type { IncomingMessage } from '../../src/store/outbox-types.js';
 import { createTestPki, type TestPki } from '../helpers/certs.js';
+import {
+  PASSWORDS,
+  hashDevicePasswords,
+  twoDeviceBrokerConfig,
+  type DeviceHashes,
+} from '../helpers/broker-fixture.js';
 import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-test';
-const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
-let hashes: Record<string, string>;
+let hashes: DeviceHashes;
 let dataDir: string;
 let store: Store;
 let activity: ActivityLog;
 const running: { close(): Promise<void> | void }[] = [];
 
 beforeAll(async () => {
-  hashes = {
-    'sensor-1': await hashPassword(PASSWORDS['sensor-1']),
-    'sensor-2': await hashPassword(PASSWORDS['sensor-2']),
-  };
+  hashes = await hashDevicePasswords();
   dataDir = mkdtempSync(join(tmpdir(), 'gw-broker-'));
   const logger = createLogger({ level: 'silent', gatewayId: GATEWAY_ID });
   store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: false });
@@ -44,17 +45,7 @@ afterAll(() => {
 });
 
 function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
-  return configSchema.parse({
-    gateway: { id: GATEWAY_ID, dataDir },
-    broker: {
-      listeners: [{ type: 'tcp', host: '127.0.0.1', port: 0 }],
-      devices: [
-        { id: 'sensor-1', passwordHash: hashes['sensor-1'] },
-        { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
-      ],
-      ...broker,
-    },
-  }).broker;
+  return twoDeviceBrokerConfig(GATEWAY_ID, dataDir, hashes, broker);
 }
 
 interface Harness {
