@@ -85,6 +85,9 @@ export async function startSystem(
           // Anonymous devices with an ACL: no scrypt cost in connection storms, like the baselines.
           allowAnonymous: true,
           anonymousAcl: { publish: ['devices/#'], subscribe: [] },
+          // Every bench device connects from 127.0.0.1 at once, without retrying; the baselines
+          // have no connect-rate limit either.
+          connectRate: { perIp: 0, total: 0 },
         },
         http: { host: '127.0.0.1', port: httpPort },
         integrations: [

@@ -198,6 +198,29 @@ export const configSchema = z
         maxConnections: z.number().int().positive().default(10_000),
         connectTimeout: duration('10s'),
         keepaliveLimit: duration('20m'),
+        // Token buckets checked when a socket is accepted, before TLS or MQTT (S13, R15).
+        connectRate: z
+          .object({
+            perIp: rate.removeDefault().default('20/s'),
+            perIpBurst: z.number().int().min(1).default(50),
+            total: rate.removeDefault().default('500/s'),
+            totalBurst: z.number().int().min(1).default(1000),
+          })
+          .strict()
+          .default({}),
+        // Failed password checks lock the username and the source for a while (S2).
+        loginBackoff: z
+          .object({
+            failures: z.number().int().min(0).default(5),
+            ipFailures: z.number().int().min(0).default(20),
+            window: duration('5m').refine((ms) => ms > 0, 'must be longer than 0'),
+            initial: duration('1s'),
+            max: duration('5m'),
+          })
+          .strict()
+          .default({}),
+        // Successful logins remembered so a reconnect storm is not one scrypt per device (S3).
+        loginCacheTtl: duration('5m'),
         devices: z.array(deviceSchema).default([]),
       })
       .strict()

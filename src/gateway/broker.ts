@@ -15,6 +15,7 @@ import {
   deviceAcl,
   type EffectiveAcl,
 } from './acl.js';
+import { createConnectRateLimiter } from './admission.js';
 import {
   createDeviceAuthenticator,
   revocationReason,
@@ -27,6 +28,7 @@ import {
   type ConnectionInfo,
   type ConnectionRejection,
 } from './listeners.js';
+import type { PasswordVerifier } from './password-hash.js';
 
 export interface BrokerOptions {
   config: Config['broker'];
@@ -43,6 +45,10 @@ export interface BrokerOptions {
   ingest: (message: IncomingMessage) => Promise<void> | null;
   /** Aggregation window for auth-failure and rejection activity rows per remote address. */
   activityWindowMs?: number;
+  /** Checks device passwords (default: scrypt); injectable to count checks in tests. */
+  verifier?: PasswordVerifier;
+  /** ms clock of the connect-rate buckets, login backoff and login cache; monotonic by default. */
+  now?: () => number;
 }
 
 export interface BrokerStats {
@@ -55,6 +61,10 @@ export interface BrokerStats {
   rejectedPackets: number;
   /** Connections refused at the maxConnections cap. */
   rejectedConnections: number;
+  /** Sockets closed at accept by broker.connectRate (per source or total). */
+  rateLimitedConnections: number;
+  /** Logins refused without a password check while their username or source was locked. */
+  loginBackoffRefusals: number;
 }
 
 export interface ConnectedDevice {
@@ -103,14 +113,22 @@ export function createBroker(options: BrokerOptions): Broker {
   const { gatewayId, logger, activity } = options;
   let config = options.config;
   const statusTopic = `gateway/${gatewayId}/status`;
-  const auth = createDeviceAuthenticator({ config });
+  const auth = createDeviceAuthenticator({ config, verifier: options.verifier, now: options.now });
+  const connectRate = createConnectRateLimiter({ config: config.connectRate, now: options.now });
   const sessions = new WeakMap<Client, Session>();
   /** Connected (CONNACKed) clients by client id: connectedDevices() and wills without a client. */
   const connected = new Map<string, Session>();
   const connectFields = new WeakMap<Client, ConnectFields>();
   const connections = new WeakMap<Duplex, ConnectionInfo>();
   const aclCache = new Map<string, EffectiveAcl>();
-  const stats = { messagesIn: 0, authFailures: 0, rejectedPackets: 0, rejectedConnections: 0 };
+  const stats = {
+    messagesIn: 0,
+    authFailures: 0,
+    rejectedPackets: 0,
+    rejectedConnections: 0,
+    rateLimitedConnections: 0,
+    loginBackoffRefusals: 0,
+  };
   const throttle = createActivityThrottle(activity, logger, options.activityWindowMs ?? 1000);
   let listening = false;
   let closing: Promise<void> | undefined;
@@ -196,11 +214,27 @@ export function createBroker(options: BrokerOptions): Broker {
         password: password === undefined || password === null ? undefined : Buffer.from(password),
         clean: fields?.clean ?? true,
         certIdentity: info?.certIdentity ?? null,
+        remoteAddress,
       };
       auth
         .authenticate(attempt)
         .then((result) => {
           if (!result.ok) {
+            if (result.reason === 'login_backoff') stats.loginBackoffRefusals++;
+            else
+              for (const lock of result.locks ?? [])
+                throttle.note(
+                  'login_locked',
+                  remoteAddress,
+                  {
+                    username: attempt.username ?? null,
+                    remoteAddress,
+                    scope: lock.scope,
+                    lockMs: lock.remainingMs,
+                  },
+                  ErrorCodes.AUTH_FAILED,
+                  'logins locked after repeated failures (broker.loginBackoff)',
+                );
             recordAuthFailure(clientId, remoteAddress, result.reason);
             done(refuse(result.returnCode, result.reason) as never, false);
             return;
@@ -317,6 +351,8 @@ export function createBroker(options: BrokerOptions): Broker {
   });
   aedes.on('clientDisconnect', (client) => {
     if (connected.get(client.id)?.client === client) connected.delete(client.id);
+    const identity = sessions.get(client)?.identity;
+    if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);
     logger.info({ clientId: client.id }, 'device_disconnected');
   });
   aedes.on('clientError', (client, err) => {
@@ -343,29 +379,37 @@ export function createBroker(options: BrokerOptions): Broker {
     maxConnections: config.maxConnections,
     maxPacketSize: config.maxPacketSize,
     connectTimeout: config.connectTimeout,
+    connectRate,
     logger,
     onConnection(stream, info) {
       connections.set(stream, info);
       aedes.handle(stream);
     },
     onReject(rejection: ConnectionRejection) {
-      const tooLarge = rejection.reason !== 'max_connections';
+      const { reason, remoteAddress } = rejection;
+      const tooLarge = reason === 'packet_too_large' || reason === 'malformed_length';
       if (tooLarge) stats.rejectedPackets++;
-      else stats.rejectedConnections++;
-      const { remoteAddress } = rejection;
+      else if (reason === 'max_connections') stats.rejectedConnections++;
+      else stats.rateLimitedConnections++;
+      const message = tooLarge
+        ? `packet over broker.maxPacketSize (${config.maxPacketSize} bytes)`
+        : reason === 'max_connections'
+          ? `broker.maxConnections (${config.maxConnections}) reached`
+          : reason === 'connect_rate_ip'
+            ? `source over broker.connectRate.perIp (${config.connectRate.perIp}/s)`
+            : `gateway over broker.connectRate.total (${config.connectRate.total}/s)`;
       throttle.note(
         tooLarge ? 'packet_rejected' : 'connection_rejected',
-        remoteAddress,
+        // Total-rate refusals share one row per window, whatever the (many) sources.
+        reason === 'connect_rate_total' ? null : remoteAddress,
         {
           remoteAddress,
-          reason: rejection.reason,
+          reason,
           listener: rejection.listener,
           declaredSize: rejection.declaredSize ?? null,
         },
         null,
-        tooLarge
-          ? `packet over broker.maxPacketSize (${config.maxPacketSize} bytes)`
-          : `broker.maxConnections (${config.maxConnections}) reached`,
+        message,
       );
     },
   });
@@ -473,6 +517,7 @@ export function createBroker(options: BrokerOptions): Broker {
       const previous = config;
       config = next;
       auth.update(next);
+      connectRate.configure(next.connectRate);
       aclCache.clear();
       for (const session of [...connected.values()]) {
         const reason = revocationReason(session.identity, previous, next, gatewayId);

@@ -1,5 +1,7 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Config, DeviceConfig } from '../config/schema.js';
 import { anonymousAcl, deviceAcl, sameAcl } from './acl.js';
+import { createLoginBackoff, type LoginLock } from './admission.js';
 import { createPasswordVerifier, type PasswordVerifier } from './password-hash.js';
 
 /**
@@ -19,6 +21,8 @@ export interface ConnectAttempt {
   clean: boolean;
   /** CN of a verified client certificate, when the listener requires one. */
   certIdentity: string | null;
+  /** Source address, for the per-source login backoff; null or absent when unknown. */
+  remoteAddress?: string | null;
 }
 
 export type AuthFailureReason =
@@ -32,19 +36,36 @@ export type AuthFailureReason =
   | 'username_mismatch'
   | 'unknown_certificate'
   | 'anonymous_refused'
+  | 'login_backoff'
   | 'busy';
 
 /** MQTT 3.1.1 CONNACK codes: 2 identifier rejected, 3 server unavailable, 4 bad username or password, 5 not authorized. */
 export type ConnackRefusal = 2 | 3 | 4 | 5;
 
 export type AuthResult =
-  { ok: true; identity: Identity } | { ok: false; returnCode: ConnackRefusal; reason: AuthFailureReason };
+  | { ok: true; identity: Identity }
+  | {
+      ok: false;
+      returnCode: ConnackRefusal;
+      reason: AuthFailureReason;
+      /** login_backoff: the lock in force; a failed password check: the locks it started. */
+      locks?: LoginLock[];
+    };
 
 export interface DeviceAuthenticator {
   authenticate(attempt: ConnectAttempt): Promise<AuthResult>;
-  /** Live reload: the next attempts see the new devices and anonymous policy. */
+  /**
+   * Live reload: the next attempts see the new devices, anonymous policy and backoff settings.
+   * Cached logins of devices whose passwordHash changed (or that were removed) are dropped, and
+   * so is the failure count of a device whose credentials changed or that was added.
+   */
   update(config: Config['broker']): void;
   device(id: string): DeviceConfig | undefined;
+  /**
+   * A password session of this device ended: its cached login stays valid for loginCacheTtl
+   * from now, so a network blip's reconnect storm does not cost one scrypt per device.
+   */
+  sessionEnded(id: string): void;
 }
 
 export interface DeviceAuthOptions {
@@ -54,6 +75,18 @@ export interface DeviceAuthOptions {
   maxConcurrentVerifications?: number;
   /** Logins waiting beyond this are answered "server unavailable" instead of queueing forever. */
   maxQueuedVerifications?: number;
+  /** Usernames and sources tracked by the login backoff, per table. */
+  maxBackoffEntries?: number;
+  /** ms, for the login cache and the backoff; monotonic by default, injectable for tests. */
+  now?: () => number;
+}
+
+interface CachedLogin {
+  /** sha256 of the password that matched. */
+  digest: Buffer;
+  /** The hash it matched; a different hash in the config is a miss. */
+  hash: string;
+  expires: number;
 }
 
 const MAX_ID_LENGTH = 256;
@@ -66,13 +99,40 @@ export function isSafeIdentifier(value: string): boolean {
 }
 
 export function createDeviceAuthenticator(options: DeviceAuthOptions): DeviceAuthenticator {
-  const verifier = options.verifier ?? createPasswordVerifier();
+  // The login cache below is keyed by device and dropped on reload; the verifier need not cache.
+  const verifier = options.verifier ?? createPasswordVerifier({ cacheSize: 0 });
   const maxConcurrent = options.maxConcurrentVerifications ?? 4;
   const maxQueued = options.maxQueuedVerifications ?? 1000;
+  const now = options.now ?? (() => performance.now());
   let config = options.config;
   let devices = indexDevices(config);
   let running = 0;
   const queue: (() => void)[] = [];
+  const backoff = createLoginBackoff({
+    config: config.loginBackoff,
+    maxEntries: options.maxBackoffEntries,
+    now,
+  });
+  /** Keyed by device id, so it never holds more entries than there are devices. */
+  const logins = new Map<string, CachedLogin>();
+
+  const digestOf = (password: Buffer): Buffer => createHash('sha256').update(password).digest();
+
+  const cachedLogin = (device: DeviceConfig | undefined, digest: Buffer): boolean => {
+    if (device?.passwordHash === undefined) return false;
+    const entry = logins.get(device.id);
+    if (entry === undefined) return false;
+    if (entry.hash !== device.passwordHash || entry.expires <= now()) {
+      logins.delete(device.id);
+      return false;
+    }
+    return timingSafeEqual(entry.digest, digest);
+  };
+
+  const rememberLogin = (device: DeviceConfig, digest: Buffer): void => {
+    if (config.loginCacheTtl <= 0 || device.passwordHash === undefined) return;
+    logins.set(device.id, { digest, hash: device.passwordHash, expires: now() + config.loginCacheTtl });
+  };
 
   /** Runs a verification under the concurrency bound; undefined when the queue is full. */
   const limited = async (run: () => Promise<boolean>): Promise<boolean | undefined> => {
@@ -100,9 +160,22 @@ export function createDeviceAuthenticator(options: DeviceAuthOptions): DeviceAut
 
   return {
     device: (id) => devices.get(id),
+    sessionEnded(id) {
+      const entry = logins.get(id);
+      if (entry === undefined || config.loginCacheTtl <= 0) return;
+      if (devices.get(id)?.passwordHash !== entry.hash) logins.delete(id);
+      else entry.expires = now() + config.loginCacheTtl;
+    },
     update(next) {
+      const previous = devices;
       config = next;
       devices = indexDevices(next);
+      backoff.configure(next.loginBackoff);
+      if (next.loginCacheTtl <= 0) logins.clear();
+      for (const [id, entry] of logins) if (devices.get(id)?.passwordHash !== entry.hash) logins.delete(id);
+      // A device just provisioned or given new credentials should not wait out old failures.
+      for (const device of next.devices)
+        if (previous.get(device.id)?.passwordHash !== device.passwordHash) backoff.reset(device.id);
     },
     async authenticate(attempt) {
       const { clientId, username, password, certIdentity } = attempt;
@@ -123,11 +196,23 @@ export function createDeviceAuthenticator(options: DeviceAuthOptions): DeviceAut
         // Ids that cannot exist in the config: the format is public, so answering fast reveals nothing.
         if (username === '' || !isSafeIdentifier(username)) return fail(4, 'invalid_username');
         if (password === undefined) return fail(4, 'missing_password');
+        const remoteAddress = attempt.remoteAddress ?? null;
+        // Known and unknown usernames alike: the lock says nothing about which ids exist (S2).
+        const lock = backoff.check(username, remoteAddress);
+        if (lock !== null) return { ...fail(5, 'login_backoff'), locks: [lock] };
         const device = devices.get(username);
-        // Unknown devices and certificate-only devices spend a dummy scrypt (same timing).
-        const ok = await limited(() => verifier.verify(password, device?.passwordHash));
-        if (ok === undefined) return fail(3, 'busy');
-        if (!ok) return fail(4, device ? 'bad_password' : 'unknown_device');
+        const digest = digestOf(password);
+        if (!cachedLogin(device, digest)) {
+          // Unknown devices and certificate-only devices spend a dummy scrypt (same timing).
+          const ok = await limited(() => verifier.verify(password, device?.passwordHash));
+          if (ok === undefined) return fail(3, 'busy');
+          if (!ok || device === undefined) {
+            const locks = backoff.failed(username, remoteAddress);
+            return { ...fail(4, device ? 'bad_password' : 'unknown_device'), locks };
+          }
+          rememberLogin(device, digest);
+        }
+        backoff.reset(username);
         if (clientId !== username) return fail(2, 'client_id_mismatch');
         return { ok: true, identity: { kind: 'device', id: username, method: 'password' } };
       }

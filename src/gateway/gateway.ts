@@ -300,6 +300,12 @@ export function createGateway(options: GatewayOptions): Gateway {
         devices: broker?.connectedDevices() ?? [],
         messagesIn: broker?.stats.messagesIn ?? 0,
         authFailures: broker?.stats.authFailures ?? 0,
+        refused: {
+          maxConnections: broker?.stats.rejectedConnections ?? 0,
+          connectRate: broker?.stats.rateLimitedConnections ?? 0,
+          packetTooLarge: broker?.stats.rejectedPackets ?? 0,
+          loginBackoff: broker?.stats.loginBackoffRefusals ?? 0,
+        },
       },
       store: {
         file: store?.file ?? '',

@@ -7,6 +7,7 @@ import type { WebSocketServer } from 'ws';
 import type { ListenerConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
+import type { ConnectRateLimiter, ConnectRateRefusal } from './admission.js';
 import { limitPacketSize, type PacketRejectReason } from './packet-limit.js';
 
 /** What the broker learns about a connection from the listener that accepted it. */
@@ -25,7 +26,7 @@ export interface BoundListener {
   port: number;
 }
 
-export type ConnectionRejectReason = 'max_connections' | PacketRejectReason;
+export type ConnectionRejectReason = 'max_connections' | ConnectRateRefusal | PacketRejectReason;
 
 export interface ConnectionRejection {
   reason: ConnectionRejectReason;
@@ -42,6 +43,8 @@ export interface ListenersOptions {
   maxPacketSize: number;
   /** ms; also bounds TLS handshakes and WebSocket upgrades, so half-open floods are cut. */
   connectTimeout: number;
+  /** Per-source and total accept rate, checked before TLS, HTTP or aedes see the socket. */
+  connectRate?: ConnectRateLimiter;
   logger: Logger;
   /** A new connection, already wrapped in the packet-size limit: hand it to `aedes.handle`. */
   onConnection: (stream: Duplex, info: ConnectionInfo) => void;
@@ -70,13 +73,21 @@ export function createListeners(options: ListenersOptions): Listeners {
   const started: Started[] = [];
   let closing = false;
 
-  /** Counts a raw socket (before TLS or HTTP), or refuses it when the cap is reached. */
+  /**
+   * Counts a raw socket (before TLS or HTTP), or refuses it when the cap is reached or its
+   * source or the gateway accepts too fast. A refused socket is only closed: clients retry.
+   */
   const admit = (socket: Socket, type: ListenerConfig['type']): boolean => {
-    if (closing || sockets.size >= options.maxConnections) {
-      const remoteAddress = socket.remoteAddress ?? null;
+    const remoteAddress = socket.remoteAddress ?? null;
+    const reason: ConnectionRejectReason | null = closing
+      ? null
+      : sockets.size >= options.maxConnections
+        ? 'max_connections'
+        : (options.connectRate?.admit(remoteAddress) ?? null);
+    if (closing || reason !== null) {
       socket.on('error', () => {});
       socket.destroy();
-      if (!closing) options.onReject({ reason: 'max_connections', remoteAddress, listener: type });
+      if (reason !== null) options.onReject({ reason, remoteAddress, listener: type });
       return false;
     }
     socket.setNoDelay(true);

@@ -101,6 +101,19 @@ export function createMetrics(options: MetricsOptions): Metrics {
   snapshotCounter(
     registry,
     snap,
+    'iot_gateway_connections_refused_total',
+    'Device connections and logins refused at the door, by the limit that refused them',
+    ['reason'],
+    (s) => [
+      { labels: { reason: 'max_connections' }, value: s.broker.refused.maxConnections },
+      { labels: { reason: 'connect_rate' }, value: s.broker.refused.connectRate },
+      { labels: { reason: 'packet_too_large' }, value: s.broker.refused.packetTooLarge },
+      { labels: { reason: 'login_backoff' }, value: s.broker.refused.loginBackoff },
+    ],
+  );
+  snapshotCounter(
+    registry,
+    snap,
     'iot_gateway_store_write_failures_total',
     'Failed writes to the local store',
     [],

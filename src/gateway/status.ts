@@ -58,6 +58,8 @@ export interface GatewayStatusSnapshot {
     devices: { id: string; connectedAt: number; remoteAddress: string | null }[];
     messagesIn: number;
     authFailures: number;
+    /** Refused at the door: broker.maxConnections, broker.connectRate, broker.maxPacketSize, broker.loginBackoff. */
+    refused: { maxConnections: number; connectRate: number; packetTooLarge: number; loginBackoff: number };
   };
   store: { file: string; writable: boolean; writeFailures: number };
   integrations: IntegrationStatus[];

@@ -221,6 +221,8 @@ describe('/metrics', () => {
     expect(m.get('iot_gateway_connections')).toBe(2);
     expect(m.get('iot_gateway_messages_in_total')).toBe(12_345);
     expect(m.get('iot_gateway_auth_failures_total')).toBe(3);
+    expect(m.get('iot_gateway_connections_refused_total{reason="connect_rate"}')).toBe(7);
+    expect(m.get('iot_gateway_connections_refused_total{reason="login_backoff"}')).toBe(2);
     expect(m.get('iot_gateway_messages_out_total{integration="x",type="mqtt"}')).toBe(100);
     expect(m.get('iot_gateway_messages_dropped_total{integration="x",type="mqtt",reason="expired"}')).toBe(2);
     expect(

@@ -20,6 +20,7 @@ export function buildSnapshot(overrides: Partial<GatewayStatusSnapshot> = {}): G
       ],
       messagesIn: 12_345,
       authFailures: 3,
+      refused: { maxConnections: 0, connectRate: 7, packetTooLarge: 1, loginBackoff: 2 },
     },
     store: { file: '/var/lib/iot-gateway/gateway.db', writable: true, writeFailures: 0 },
     integrations: [
