@@ -60,30 +60,33 @@ interface Pair {
 export async function runReplicationBench(): Promise<ReplicationBenchRow[]> {
   const logger = createSilentLogger();
   const dir = mkdtempSync(join(tmpdir(), 'iot-bench-repl-'));
-  const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
   const loadAtStart = loadNow();
+  // One SQLite file per sample size (replication goes in seq order up to a watermark, so a file
+  // holds exactly the rows to move), and the same rows as CSV for COPY.
+  const locals = new Map<number, { store: Store; activity: ActivityLog; csv: string }>();
   try {
-    const activity = createActivityLog({ db: store.db, gatewayId: 'gw-bench', organizationId: ORG, logger });
-    seed(activity, store);
-    const csvFor = new Map<number, string>();
     for (const rows of new Set([ROWS, ROWS_BATCH_1])) {
-      const csv = join(dir, `rows-${rows}.csv`);
+      const dataDir = join(dir, `store-${rows}`);
+      const store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: false });
+      const activity = createActivityLog({
+        db: store.db,
+        gatewayId: 'gw-bench',
+        organizationId: ORG,
+        logger,
+      });
+      locals.set(rows, { store, activity, csv: join(dir, `rows-${rows}.csv`) });
+      seed(activity, store, rows);
       writeFileSync(
-        csv,
-        toCsv(
-          store.db.prepare('SELECT * FROM activity_log ORDER BY seq LIMIT ?').all(rows) as Record<
-            string,
-            unknown
-          >[],
-        ),
+        locals.get(rows)!.csv,
+        toCsv(store.db.prepare('SELECT * FROM activity_log ORDER BY seq').all() as Record<string, unknown>[]),
       );
-      csvFor.set(rows, csv);
     }
 
     const pairOf = async (batchSize: number, copyFirst: boolean): Promise<Pair> => {
       const rows = batchSize === 1 ? ROWS_BATCH_1 : ROWS;
-      const copy = () => timeCopy(csvFor.get(rows)!, rows);
-      const replicate = () => timeReplicator(store, activity, batchSize, rows);
+      const local = locals.get(rows)!;
+      const copy = () => timeCopy(local.csv, rows);
+      const replicate = () => timeReplicator(local.store, local.activity, batchSize, rows);
       if (copyFirst) {
         const c = await copy();
         return { copy: c, replicator: await replicate() };
@@ -134,15 +137,15 @@ export async function runReplicationBench(): Promise<ReplicationBenchRow[]> {
     process.stdout.write('\nReplication to central PostgreSQL\n' + lines.join('\n') + '\n');
     return results;
   } finally {
-    store.close();
+    for (const local of locals.values()) local.store.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-function seed(activity: ActivityLog, store: Store): void {
+function seed(activity: ActivityLog, store: Store, rows: number): void {
   const integration = randomUUID();
   store.db.transaction(() => {
-    for (let i = 0; i < ROWS; i++) {
+    for (let i = 0; i < rows; i++) {
       activity.record({
         integrationId: integration,
         activityType: i % 4 === 0 ? 'connect' : 'publish',
@@ -156,7 +159,7 @@ function seed(activity: ActivityLog, store: Store): void {
   })();
 }
 
-/** rows/s of the replicator moving the first `rows` rows of the SQLite file into a fresh database. */
+/** rows/s of the replicator moving every row of the SQLite file (`rows` of them) into a fresh database. */
 async function timeReplicator(
   store: Store,
   activity: ActivityLog,
@@ -178,10 +181,10 @@ async function timeReplicator(
     });
     try {
       // Nothing pending: this run only opens and verifies the connection (COPY's is untimed too).
-      store.db.prepare('UPDATE activity_log SET replicated_at = 1').run();
+      store.db.prepare("UPDATE replication_watermark SET seq = 1e9 WHERE log = 'activity_log'").run();
       await replicator.runOnce();
-      // Only the first `rows` rows are pending; the rest count as already replicated.
-      store.db.prepare('UPDATE activity_log SET replicated_at = NULL WHERE seq <= ?').run(rows);
+      // Every row is pending again.
+      store.db.prepare("UPDATE replication_watermark SET seq = 0 WHERE log = 'activity_log'").run();
       // The reset's WAL must not be checkpointed on the replicator's time.
       store.db.pragma('wal_checkpoint(TRUNCATE)');
       const started = process.hrtime.bigint();

@@ -25,7 +25,8 @@ export interface ActivityRow extends Required<Omit<ActivityEntry, 'metadata'>> {
   gatewayId: string;
   metadata: Record<string, unknown>;
   createdAt: number;
-  replicatedAt: number | null;
+  /** In central PostgreSQL: the replication watermark has passed it and it was not set aside. */
+  replicated: boolean;
 }
 
 export interface SyncEntry {
@@ -115,7 +116,7 @@ export function createActivityLog(options: ActivityLogOptions): ActivityLog {
         errorCode: entry.errorCode ?? null,
         metadata: entry.metadata ?? {},
         createdAt: now(),
-        replicatedAt: null,
+        replicated: false,
       };
       try {
         insertActivity.run({ ...row, metadata: JSON.stringify(row.metadata) });
@@ -182,7 +183,7 @@ export function createActivityLog(options: ActivityLogOptions): ActivityLog {
       params.push(Math.min(Math.max(filter.limit ?? 50, 1), 10_000));
       // The WHERE clause is assembled from the constant fragments above only; values are parameters.
       const sql =
-        'SELECT * FROM activity_log' +
+        "SELECT *, seq <= (SELECT seq FROM replication_watermark WHERE log = 'activity_log') AND replication_error IS NULL AS replicated FROM activity_log" +
         (where.length ? ' WHERE ' + where.join(' AND ') : '') +
         ' ORDER BY seq DESC LIMIT ?';
       return (db.prepare(sql).all(...params) as Record<string, unknown>[]).map(toActivityRow);
@@ -211,6 +212,6 @@ function toActivityRow(r: Record<string, unknown>): ActivityRow {
     errorCode: (r.error_code as string | null) ?? null,
     metadata: JSON.parse(r.metadata as string) as Record<string, unknown>,
     createdAt: r.created_at as number,
-    replicatedAt: (r.replicated_at as number | null) ?? null,
+    replicated: r.replicated === 1,
   };
 }

@@ -42,13 +42,7 @@ const OWN_ACTIVITY_TYPES = new Set(['replicate', 'replication_rejected']);
 const MAX_BACKOFF_MS = 5 * 60_000;
 const REPORT_EVERY_MS = 60_000;
 const STATUS_CACHE_MS = 1_000;
-/**
- * PostgreSQL connections that insert batches concurrently while a backlog drains. One: with two,
- * a suite run under load once set a good row aside as rejected (a race between the lanes that is
- * not understood yet), and a wrongly rejected row is worse than a slower drain.
- */
-const LANES = 1;
-/** Committed rows are marked in SQLite once this many have gathered, or this long after the last mark, and at the end of a run. */
+/** The SQLite watermark moves over committed rows once this many have gathered, or this long after the last move, and at the end of a run. */
 const MARK_EVERY_ROWS = 2_000;
 const MARK_EVERY_MS = 50;
 
@@ -77,29 +71,57 @@ interface Rejection {
  */
 type RawRow = unknown[];
 
-// One statement per table per batch; ON CONFLICT DO NOTHING without a target needs no SELECT
-// privilege, so the ingest role stays insert-only. The batch travels as one jsonb parameter, an
-// array of row arrays: JSON.stringify is native and several times cheaper than pg's encoding of
-// a text[] literal per column (unnest), and the server's cost is the same (measured). A value
-// that does not cast fails the statement, and the bisect finds its row.
-const INSERT_ACTIVITY = `
-  INSERT INTO integration_activity_log (id, organization_id, integration_id, gateway_id, activity_type, direction, status,
-    response_time_ms, error_message, error_code, metadata, created_at)
-  SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, r->>3, r->>4, r->>5, r->>6,
-    (r->>7)::integer, r->>8, r->>9, (r->>10)::jsonb, (r->>11)::timestamptz
-    FROM jsonb_array_elements($1::jsonb) AS r
-  ON CONFLICT DO NOTHING`;
-/** Index of created_at in an activity RawRow. */
-const ACTIVITY_CREATED_AT = 11;
-
-const INSERT_SYNC = `
+// One statement per batch: the sync rows' INSERT is a data-modifying CTE of the activity rows'
+// (a CTE runs to completion even though nothing reads it). A single statement commits on its own,
+// atomically, in one round trip, so the next batch can be read from SQLite while PostgreSQL
+// inserts this one. Each table's rows travel as one jsonb parameter, an array of row arrays:
+// JSON.stringify is native and several times cheaper than pg's encoding of a text[] literal per
+// column (unnest), and the server's cost is the same (measured). A value that does not cast
+// fails the statement, and the bisect finds its row.
+//
+// A batch is first sent as a plain INSERT: ON CONFLICT's speculative insertion costs the server
+// about a fifth more per row (measured). Only a resend (rows committed before a crash but not yet
+// marked) can collide; the unique violation (23505) sends that batch again with ON CONFLICT DO
+// NOTHING, which skips the rows already there. Without a conflict target it needs no SELECT
+// privilege, so the ingest role stays insert-only.
+function insertBatch(onConflict: string): string {
+  return `
+  WITH activity AS (
+    INSERT INTO integration_activity_log (id, organization_id, integration_id, gateway_id, activity_type, direction, status,
+      response_time_ms, error_message, error_code, metadata, created_at)
+    SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, r->>3, r->>4, r->>5, r->>6,
+      (r->>7)::integer, r->>8, r->>9, (r->>10)::jsonb, (r->>11)::timestamptz
+      FROM jsonb_array_elements($1::jsonb) AS r
+    ${onConflict})
   INSERT INTO integration_sync_log (id, organization_id, integration_id, gateway_id, sync_type, status, started_at,
     completed_at, duration_ms, records_processed, records_succeeded, records_failed, error_message, metadata, request_id)
   SELECT (r->>0)::uuid, (r->>1)::uuid, (r->>2)::uuid, r->>3, r->>4, r->>5, (r->>6)::timestamptz,
     (r->>7)::timestamptz, (r->>8)::integer, (r->>9)::integer, (r->>10)::integer, (r->>11)::integer, r->>12,
     (r->>13)::jsonb, r->>14
-    FROM jsonb_array_elements($1::jsonb) AS r
-  ON CONFLICT DO NOTHING`;
+    FROM jsonb_array_elements($2::jsonb) AS r
+  ${onConflict}`;
+}
+const INSERT_BATCH = insertBatch('');
+const INSERT_BATCH_IDEMPOTENT = insertBatch('ON CONFLICT DO NOTHING');
+/** unique_violation: a row of the batch is already in PostgreSQL. */
+const UNIQUE_VIOLATION = '23505';
+/** Index of created_at in an activity RawRow. */
+const ACTIVITY_CREATED_AT = 11;
+
+/** A batch as read, with its statement parameters encoded (while the previous batch is in flight). */
+interface Batch {
+  items: Item[];
+  params: [string, string];
+  /** The highest seq of each log in this batch or before it. */
+  to: Cursor;
+}
+
+function encodeBatch(items: Item[]): [string, string] {
+  const activity: unknown[] = [];
+  const sync: unknown[] = [];
+  for (const item of items) (item.table === 'activity' ? activity : sync).push(item.values);
+  return [JSON.stringify(activity), JSON.stringify(sync)];
+}
 
 const VERIFY_SESSION = `
   SELECT session_user::text AS login,
@@ -123,7 +145,8 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
 
   const pool = new pg.Pool({
     connectionString: central.url,
-    max: LANES,
+    // One connection per gateway: a fleet of gateways must not exhaust max_connections.
+    max: 1,
     connectionTimeoutMillis: central.connectTimeout,
     // Bounds a batch on a half-open link (blackholed PostgreSQL); stop() waits at most this long.
     query_timeout: Math.max(30_000, central.connectTimeout * 3),
@@ -133,12 +156,14 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
   });
   pool.on('error', (err) => log.debug({ err }, 'central_idle_connection_lost'));
 
-  // `seq > ?`: within a run the next batch is read while others are still in flight.
+  // Rows after the watermark, in seq order: a range of the primary key. `seq > ?` is the run's
+  // cursor (the next batch is read while the previous one is in flight); set-aside rows are
+  // skipped.
   const readActivity = db
     .prepare<[string, number, number], RawRow>(
       `SELECT seq, id, coalesce(organization_id, ?), integration_id, gateway_id, activity_type, direction, status,
               response_time_ms, error_message, error_code, metadata, created_at
-         FROM activity_log WHERE replicated_at IS NULL AND replication_error IS NULL AND seq > ? ORDER BY seq LIMIT ?`,
+         FROM activity_log WHERE seq > ? AND replication_error IS NULL ORDER BY seq LIMIT ?`,
     )
     .raw(true);
   const readSync = db
@@ -146,29 +171,37 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
       `SELECT seq, id, coalesce(organization_id, ?), integration_id, gateway_id, sync_type, status, started_at,
               completed_at, duration_ms, records_processed, records_succeeded, records_failed, error_message, metadata,
               request_id
-         FROM sync_log WHERE replicated_at IS NULL AND replication_error IS NULL AND seq > ? ORDER BY seq LIMIT ?`,
+         FROM sync_log WHERE seq > ? AND replication_error IS NULL ORDER BY seq LIMIT ?`,
     )
     .raw(true);
-  const markActivity = db.prepare(
-    'UPDATE activity_log SET replicated_at = ? WHERE seq IN (SELECT value FROM json_each(?))',
-  );
-  const markSync = db.prepare(
-    'UPDATE sync_log SET replicated_at = ? WHERE seq IN (SELECT value FROM json_each(?))',
-  );
   const asideActivity = db.prepare('UPDATE activity_log SET replication_error = ? WHERE seq = ?');
   const asideSync = db.prepare('UPDATE sync_log SET replication_error = ? WHERE seq = ?');
-  const pendingQuery = db.prepare<[], { n: number; oldest: number | null }>(
-    `SELECT (SELECT count(*) FROM activity_log WHERE replicated_at IS NULL AND replication_error IS NULL)
-          + (SELECT count(*) FROM sync_log WHERE replicated_at IS NULL AND replication_error IS NULL) AS n,
-            min((SELECT created_at FROM activity_log WHERE replicated_at IS NULL AND replication_error IS NULL ORDER BY seq LIMIT 1),
-                coalesce((SELECT started_at FROM sync_log WHERE replicated_at IS NULL AND replication_error IS NULL ORDER BY seq LIMIT 1), 9e15)) AS oldest`,
+  const watermarkQuery = db.prepare<[], { log: string; seq: number }>(
+    'SELECT log, seq FROM replication_watermark',
   );
-  const markReplicated = db.transaction((items: Item[], at: number) => {
-    const activitySeqs = items.filter((i) => i.table === 'activity').map((i) => i.seq);
-    const syncSeqs = items.filter((i) => i.table === 'sync').map((i) => i.seq);
-    if (activitySeqs.length) markActivity.run(at, JSON.stringify(activitySeqs));
-    if (syncSeqs.length) markSync.run(at, JSON.stringify(syncSeqs));
+  // Only ever forward: a late write can never take the watermark back over committed rows.
+  const advanceWatermark = db.prepare('UPDATE replication_watermark SET seq = ? WHERE log = ? AND seq < ?');
+  const pendingQuery = db.prepare<[], { n: number; oldest: number | null }>(
+    `WITH w AS (SELECT (SELECT seq FROM replication_watermark WHERE log = 'activity_log') AS a,
+                       (SELECT seq FROM replication_watermark WHERE log = 'sync_log') AS s)
+     SELECT (SELECT count(*) FROM activity_log, w WHERE seq > w.a AND replication_error IS NULL)
+          + (SELECT count(*) FROM sync_log, w WHERE seq > w.s AND replication_error IS NULL) AS n,
+            min((SELECT created_at FROM activity_log, w WHERE seq > w.a AND replication_error IS NULL ORDER BY seq LIMIT 1),
+                coalesce((SELECT started_at FROM sync_log, w WHERE seq > w.s AND replication_error IS NULL ORDER BY seq LIMIT 1), 9e15)) AS oldest`,
+  );
+  const persistWatermark = db.transaction((to: Cursor) => {
+    advanceWatermark.run(to.activity, 'activity_log', to.activity);
+    advanceWatermark.run(to.sync, 'sync_log', to.sync);
   });
+
+  function readWatermark(): Cursor {
+    const cursor: Cursor = { activity: 0, sync: 0 };
+    for (const row of watermarkQuery.all()) {
+      if (row.log === 'activity_log') cursor.activity = row.seq;
+      else if (row.log === 'sync_log') cursor.sync = row.seq;
+    }
+    return cursor;
+  }
 
   let state: ReplicationStatus['state'] = 'idle';
   let replicatedRows = 0;
@@ -271,17 +304,8 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
     }
   }
 
-  /** Partition creation is serialised: two lanes creating the same month at once would collide. */
-  let partitionQueue: Promise<void> = Promise.resolve();
-
-  /** Creates missing monthly partitions for the batch's rows (outside the insert transaction: it takes locks). */
-  function ensurePartitions(client: pg.PoolClient, items: Item[]): Promise<void> {
-    const run = partitionQueue.then(() => ensurePartitionsNow(client, items));
-    partitionQueue = run.catch(() => {});
-    return run;
-  }
-
-  async function ensurePartitionsNow(client: pg.PoolClient, items: Item[]): Promise<void> {
+  /** Creates missing monthly partitions for the batch's rows (before its insert: it takes locks). */
+  async function ensurePartitions(client: pg.PoolClient, items: Item[]): Promise<void> {
     const t = now();
     // The function clamps to [now - 2 years, now + 3 months]; rows outside go to the default
     // partition. ISO strings of the same width compare like the times they name.
@@ -312,30 +336,18 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
     }
   }
 
-  /** One transaction per batch; one INSERT per table that has rows in it. */
-  async function insert(client: pg.PoolClient, items: Item[]): Promise<void> {
-    const activityItems = items.filter((i) => i.table === 'activity');
-    const syncItems = items.filter((i) => i.table === 'sync');
-    await client.query('BEGIN');
+  /** One statement per batch: it commits on its own, all of its rows or none. */
+  async function insert(client: pg.PoolClient, items: Item[], params = encodeBatch(items)): Promise<void> {
     try {
-      if (activityItems.length) {
-        await client.query({
-          name: 'iot_gw_insert_activity',
-          text: INSERT_ACTIVITY,
-          values: [JSON.stringify(activityItems.map((i) => i.values))],
-        });
-      }
-      if (syncItems.length) {
-        await client.query({
-          name: 'iot_gw_insert_sync',
-          text: INSERT_SYNC,
-          values: [JSON.stringify(syncItems.map((i) => i.values))],
-        });
-      }
-      await client.query('COMMIT');
+      await client.query({ name: 'iot_gw_insert_batch', text: INSERT_BATCH, values: params });
     } catch (err) {
-      await client.query('ROLLBACK').catch(() => {});
-      throw err;
+      if ((err as { code?: unknown }).code !== UNIQUE_VIOLATION) throw err;
+      // A resend: nothing of this batch was stored by the failed statement; skip what is there.
+      await client.query({
+        name: 'iot_gw_insert_batch_idempotent',
+        text: INSERT_BATCH_IDEMPOTENT,
+        values: params,
+      });
     }
   }
 
@@ -344,9 +356,14 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
    * aside. Returns the committed items: the caller marks them in SQLite (only after COMMIT; a
    * crash before that resends rows that then change nothing).
    */
-  async function ship(client: pg.PoolClient, items: Item[], rejected: Rejection[]): Promise<Item[]> {
+  async function ship(
+    client: pg.PoolClient,
+    items: Item[],
+    rejected: Rejection[],
+    params?: [string, string],
+  ): Promise<Item[]> {
     try {
-      await insert(client, items);
+      await insert(client, items, params);
       return items;
     } catch (err) {
       const failure =
@@ -371,10 +388,7 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
     }
   }
 
-  /** Broken connections are discarded on release instead of going back to the pool. */
-  const broken = new WeakMap<pg.PoolClient, Error>();
-
-  async function connect(into: pg.PoolClient[]): Promise<pg.PoolClient> {
+  async function connect(): Promise<pg.PoolClient> {
     let client: pg.PoolClient;
     try {
       client = await pool.connect();
@@ -384,21 +398,7 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
     // While checked out, a dropped socket is emitted on the client as well as failing the
     // pending query; the query's rejection is what we act on.
     client.on('error', ignoreSocketError);
-    into.push(client);
     return client;
-  }
-
-  function markBroken(client: pg.PoolClient, err: Error): void {
-    broken.set(client, err);
-  }
-
-  function releaseAll(clients: pg.PoolClient[]): void {
-    clients.forEach((client, i) => {
-      client.removeListener('error', ignoreSocketError);
-      // Only the first connection stays open between runs: a fleet of gateways holds one
-      // connection each to central PostgreSQL, the others exist while a backlog drains.
-      client.release(broken.get(client) ?? (i > 0 ? true : undefined));
-    });
   }
 
   async function doRun(): Promise<ReplicationRunResult> {
@@ -406,36 +406,39 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
     state = 'replicating';
     const result = { replicated: 0, rejected: 0, pending: 0 };
     const rejected: Rejection[] = [];
-    // Committed in PostgreSQL, not yet marked in SQLite.
-    let unmarked: Item[] = [];
+    // How far PostgreSQL has committed (every row up to here is there or set aside), and how
+    // much of that the SQLite watermark does not say yet.
+    let committedTo: Cursor | undefined;
+    let unmarkedRows = 0;
     let flushedAt = performance.now();
     const flush = () => {
-      if (unmarked.length === 0) return;
-      markReplicated(unmarked, now());
-      unmarked = [];
+      if (committedTo === undefined || unmarkedRows === 0) return;
+      persistWatermark(committedTo);
+      unmarkedRows = 0;
       flushedAt = performance.now();
     };
-    const clients: pg.PoolClient[] = [];
-    let failed: GatewayError | undefined;
+    let client: pg.PoolClient | undefined;
+    // Set on any failure: the connection is then discarded, not returned to the pool.
+    let broken: Error | undefined;
     try {
-      const primary = await connect(clients);
+      client = await connect();
       if (!verified) {
-        await verifySession(primary);
+        await verifySession(client);
         verified = true;
       }
       // Bounded: at most the batches needed for what is pending now, plus one for rows arriving meanwhile.
       const maxBatches = Math.ceil(pending(true).n / central.batchSize) + 1;
-      let cursor: Cursor = { activity: 0, sync: 0 };
+      let cursor = readWatermark();
       let batches = 0;
       let exhausted = false;
-      /** The next batch in seq order, or undefined when the run is done (or a lane failed). */
-      const nextBatch = (): Item[] | undefined => {
-        if (exhausted || failed !== undefined || stopping || batches >= maxBatches) return undefined;
+      /** The next batch in seq order, or undefined when the run is done. */
+      const nextBatch = (): Batch | undefined => {
+        if (exhausted || stopping || batches >= maxBatches) return undefined;
         let items: Item[];
         try {
-          // Marks what the lanes committed so far. Every mark is a synchronous SQLite commit
-          // (an fsync); a mark that waits costs at most a harmless resend after a crash.
-          if (unmarked.length >= MARK_EVERY_ROWS || performance.now() - flushedAt >= MARK_EVERY_MS) flush();
+          // Moves the watermark over what was committed so far. Every move is a synchronous
+          // SQLite commit (an fsync); a move that waits costs at most a harmless resend after a crash.
+          if (unmarkedRows >= MARK_EVERY_ROWS || performance.now() - flushedAt >= MARK_EVERY_MS) flush();
           items = readBatch(cursor);
         } catch (err) {
           throw new GatewayError(
@@ -462,49 +465,38 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
         if (items.length === 0) return undefined;
         cursor = { activity: activityMax, sync: syncMax };
         batches++;
-        return items;
+        return { items, params: encodeBatch(items), to: cursor };
       };
-      const lane = async (client: pg.PoolClient, start: () => Item[] | undefined): Promise<void> => {
+      // Pipelined on one connection: while PostgreSQL inserts batch n, this process marks the
+      // batches before it and reads and encodes batch n + 1. Each batch is one statement that
+      // commits on its own, and its rows are marked only after that.
+      for (let batch = nextBatch(); batch !== undefined;) {
+        await ensurePartitions(client, batch.items);
+        const before = rejected.length;
+        const shipping = ship(client, batch.items, rejected, batch.params);
+        let next: Batch | undefined;
+        let readFailure: unknown;
         try {
-          for (let items = start(); items !== undefined; items = nextBatch()) {
-            await ensurePartitions(client, items);
-            const before = rejected.length;
-            const committed = await ship(client, items, rejected);
-            // Committed: marked with the next read or at the end of the run, never before.
-            for (const item of committed) unmarked.push(item);
-            const rejectedNow = rejected.length - before;
-            result.replicated += committed.length;
-            result.rejected += rejectedNow;
-            // Counted per batch: a later batch failing does not undo this one.
-            replicatedRows += committed.length;
-            rejectedRows += rejectedNow;
-            report.batches++;
-            report.rows += committed.filter((i) => !OWN_ACTIVITY_TYPES.has(i.activityType ?? '')).length;
-          }
+          next = nextBatch();
         } catch (err) {
-          const failure =
-            err instanceof GatewayError ? err : classifyCentralError(err, 'while replicating').error;
-          // The first failure wins; the other lane finishes (and marks) its batch in flight, then stops.
-          failed ??= failure;
-          markBroken(client, failure);
+          readFailure = err;
         }
-      };
-      // A backlog drains over LANES connections at once, each batch in its own transaction on
-      // its own connection: PostgreSQL inserts on one core per connection, and SQLite's reads
-      // and marks overlap with both. A run of one batch uses one connection only.
-      const first = nextBatch();
-      const lanes = [lane(primary, () => first)];
-      for (let extra = 1; extra < LANES && !exhausted && first !== undefined; extra++) {
-        lanes.push(
-          connect(clients).then(
-            (client) => lane(client, nextBatch),
-            // Not fatal (max_connections reached, say): the first connection drains alone.
-            (err: unknown) => log.debug({ err }, 'central_extra_connection_failed'),
-          ),
-        );
+        const committed = await shipping;
+        // Every row of the batch is committed or set aside: the watermark may pass it, with a
+        // later read or at the end of the run, never before.
+        committedTo = batch.to;
+        unmarkedRows += batch.items.length;
+        const rejectedNow = rejected.length - before;
+        result.replicated += committed.length;
+        result.rejected += rejectedNow;
+        // Counted per batch: a later batch failing does not undo this one.
+        replicatedRows += committed.length;
+        rejectedRows += rejectedNow;
+        report.batches++;
+        report.rows += committed.filter((i) => !OWN_ACTIVITY_TYPES.has(i.activityType ?? '')).length;
+        if (readFailure !== undefined) throw readFailure;
+        batch = next;
       }
-      await Promise.all(lanes);
-      if (failed !== undefined) throw failed;
       flush();
       lastSuccessAt = now();
       if (lastError !== null) log.info({ after: lastError.code }, 'replication_recovered');
@@ -515,8 +507,7 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
       const failure =
         err instanceof GatewayError ? err : classifyCentralError(err, 'while replicating').error;
       verified = false;
-      // Whatever went wrong, these connections are not reused.
-      for (const client of clients) if (!broken.has(client)) markBroken(client, failure);
+      broken = failure;
       onFailure(failure);
       throw failure;
     } finally {
@@ -526,7 +517,11 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
       } catch (err) {
         log.error({ err }, 'replication_mark_failed');
       }
-      releaseAll(clients);
+      if (client !== undefined) {
+        client.removeListener('error', ignoreSocketError);
+        // The connection stays open between runs unless something went wrong on it.
+        client.release(broken);
+      }
       recordRejections(rejected);
       result.pending = pending(true).n;
       afterRun(result.pending);
@@ -661,11 +656,24 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
 
 function ignoreSocketError(): void {}
 
+/** The last second turned into ISO text ("…T12:34:56."): log rows come in runs of the same second. */
+let isoSecond = Number.NaN;
+let isoPrefix = '';
+
 /**
  * ms since epoch → ISO text; always the same text for the same value, so a resend carries the
  * same created_at (part of the partitioned table's unique key). A value no Date can hold is
  * sent as is and rejected by PostgreSQL as that row's problem.
  */
-function toTimestamp(ms: number): string {
-  return Number.isFinite(ms) && Math.abs(ms) <= 8.64e15 ? new Date(ms).toISOString() : String(ms);
+export function toTimestamp(ms: number): string {
+  if (!Number.isFinite(ms) || Math.abs(ms) > 8.64e15) return String(ms);
+  if (!Number.isInteger(ms)) return new Date(ms).toISOString();
+  const second = Math.floor(ms / 1000);
+  if (second !== isoSecond) {
+    // Every ISO form ends in ".sssZ"; what comes before it is the second.
+    isoPrefix = new Date(second * 1000).toISOString().slice(0, -4);
+    isoSecond = second;
+  }
+  const millis = ms - second * 1000;
+  return isoPrefix + (millis < 10 ? '00' : millis < 100 ? '0' : '') + millis + 'Z';
 }

@@ -38,19 +38,24 @@ export function createRetention(options: RetentionOptions): Retention {
   const now = options.now ?? Date.now;
   const chunk = options.chunkSize ?? 5_000;
 
-  // Constant SQL per table; seq subqueries keep each DELETE to one bounded chunk.
+  // Constant SQL per table; seq subqueries keep each DELETE to one bounded chunk. A row is
+  // replicated when the table's watermark has passed it and it was not set aside.
   const statements = {
     activityReplicated: db.prepare(
-      'DELETE FROM activity_log WHERE seq IN (SELECT seq FROM activity_log WHERE created_at < ? AND replicated_at IS NOT NULL LIMIT ?)',
+      `DELETE FROM activity_log WHERE seq IN (SELECT seq FROM activity_log WHERE created_at < ? AND replication_error IS NULL
+         AND seq <= (SELECT seq FROM replication_watermark WHERE log = 'activity_log') LIMIT ?)`,
     ),
     activityUnreplicated: db.prepare(
-      'DELETE FROM activity_log WHERE seq IN (SELECT seq FROM activity_log WHERE created_at < ? AND replicated_at IS NULL LIMIT ?)',
+      `DELETE FROM activity_log WHERE seq IN (SELECT seq FROM activity_log WHERE created_at < ? AND (replication_error IS NOT NULL
+         OR seq > (SELECT seq FROM replication_watermark WHERE log = 'activity_log')) LIMIT ?)`,
     ),
     syncReplicated: db.prepare(
-      'DELETE FROM sync_log WHERE seq IN (SELECT seq FROM sync_log WHERE started_at < ? AND replicated_at IS NOT NULL LIMIT ?)',
+      `DELETE FROM sync_log WHERE seq IN (SELECT seq FROM sync_log WHERE started_at < ? AND replication_error IS NULL
+         AND seq <= (SELECT seq FROM replication_watermark WHERE log = 'sync_log') LIMIT ?)`,
     ),
     syncUnreplicated: db.prepare(
-      'DELETE FROM sync_log WHERE seq IN (SELECT seq FROM sync_log WHERE started_at < ? AND replicated_at IS NULL LIMIT ?)',
+      `DELETE FROM sync_log WHERE seq IN (SELECT seq FROM sync_log WHERE started_at < ? AND (replication_error IS NOT NULL
+         OR seq > (SELECT seq FROM replication_watermark WHERE log = 'sync_log')) LIMIT ?)`,
     ),
   };
 

@@ -129,9 +129,11 @@ describe('central PostgreSQL with password authentication', () => {
     return (
       local.store.db
         .prepare(
-          'SELECT count(*) AS n FROM ' + table + ' WHERE replicated_at IS NULL AND replication_error IS NULL',
+          'SELECT count(*) AS n FROM ' +
+            table +
+            ' WHERE replication_error IS NULL AND seq > (SELECT seq FROM replication_watermark WHERE log = ?)',
         )
-        .get() as { n: number }
+        .get(table) as { n: number }
     ).n;
   }
 

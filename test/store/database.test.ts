@@ -11,9 +11,11 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { pino } from 'pino';
 import { describe, expect, it } from 'vitest';
 import { openStore, STORE_FILE } from '../../src/store/database.js';
+import { LOCAL_MIGRATIONS } from '../../src/store/migrations.js';
 
 const logger = pino({ level: 'silent' });
 const tempDir = () => mkdtempSync(join(tmpdir(), 'gw-db-'));
@@ -29,6 +31,40 @@ describe('local store', () => {
     store.close();
     // Reopening is a no-op migration.
     openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true }).close();
+  });
+
+  it('turns per-row replication marks of an older store into a watermark below the oldest pending row', () => {
+    const dataDir = tempDir();
+    const old = new Database(join(dataDir, STORE_FILE));
+    old.exec(LOCAL_MIGRATIONS[0]! + LOCAL_MIGRATIONS[1]!);
+    old.pragma('user_version = 2');
+    const insert = old.prepare(
+      `INSERT INTO activity_log (id, gateway_id, activity_type, direction, status, created_at, replicated_at, replication_error)
+       VALUES (?, 'gw', 'publish', 'outgoing', 'success', 1, ?, ?)`,
+    );
+    // 1–3 replicated, 4 set aside, 5 replicated, 6–7 pending (the old replicator went in seq order).
+    for (const [seq, at, error] of [
+      [1, 5, null],
+      [2, 5, null],
+      [3, 5, null],
+      [4, null, '42501: rejected'],
+      [5, 5, null],
+      [6, null, null],
+      [7, null, null],
+    ] as const)
+      insert.run(`id-${seq}`, at, error);
+    old.close();
+
+    const store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: false });
+    const marks = store.db.prepare('SELECT log, seq FROM replication_watermark ORDER BY log').all();
+    expect(marks).toEqual([
+      { log: 'activity_log', seq: 5 },
+      { log: 'sync_log', seq: 0 },
+    ]);
+    const columns = store.db.prepare("SELECT name FROM pragma_table_info('activity_log')").all();
+    expect(columns).not.toContainEqual({ name: 'replicated_at' });
+    expect(store.db.prepare('SELECT count(*) AS n FROM activity_log').get()).toEqual({ n: 7 });
+    store.close();
   });
 
   it('refuses a second daemon on the same dataDir, and takes over a stale lock', async () => {

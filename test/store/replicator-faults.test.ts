@@ -99,7 +99,7 @@ describe('replication under faults', () => {
   function marked(ids: string[]): number {
     const r = store.db
       .prepare(
-        'SELECT count(*) AS n FROM activity_log WHERE replicated_at IS NOT NULL AND id IN (SELECT value FROM json_each(?))',
+        "SELECT count(*) AS n FROM activity_log WHERE seq <= (SELECT seq FROM replication_watermark WHERE log = 'activity_log') AND id IN (SELECT value FROM json_each(?))",
       )
       .get(JSON.stringify(ids));
     return (r as { n: number }).n;
@@ -116,7 +116,9 @@ describe('replication under faults', () => {
     expect(new Set(central).size).toBe(central.length); // none duplicated
     expect(central).toEqual(local); // none missing, none extra
     const pending = store.db
-      .prepare('SELECT count(*) AS n FROM activity_log WHERE replicated_at IS NULL')
+      .prepare(
+        "SELECT count(*) AS n FROM activity_log WHERE seq > (SELECT seq FROM replication_watermark WHERE log = 'activity_log')",
+      )
       .get() as { n: number };
     expect(pending.n).toBe(0);
   }
@@ -228,7 +230,9 @@ describe('replication under faults', () => {
       progress.push(
         (
           store.db
-            .prepare('SELECT count(*) AS n FROM activity_log WHERE replicated_at IS NOT NULL')
+            .prepare(
+              "SELECT count(*) AS n FROM activity_log WHERE seq <= (SELECT seq FROM replication_watermark WHERE log = 'activity_log')",
+            )
             .get() as { n: number }
         ).n,
       );

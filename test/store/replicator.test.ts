@@ -9,7 +9,7 @@ import { createLogger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { migrateCentral } from '../../src/store/central/central-migrations.js';
 import { openStore, type Store } from '../../src/store/database.js';
-import { createReplicator, type Replicator } from '../../src/store/replicator.js';
+import { createReplicator, toTimestamp, type Replicator } from '../../src/store/replicator.js';
 import { createTestDatabase, type TestDatabase } from '../helpers/pg.js';
 
 const ORG = randomUUID();
@@ -116,7 +116,7 @@ function unreplicated(local: Local): number {
   return (
     local.store.db
       .prepare(
-        'SELECT count(*) AS n FROM activity_log WHERE replicated_at IS NULL AND replication_error IS NULL',
+        "SELECT count(*) AS n FROM activity_log WHERE replication_error IS NULL AND seq > (SELECT seq FROM replication_watermark WHERE log = 'activity_log')",
       )
       .get() as { n: number }
   ).n;
@@ -178,15 +178,24 @@ describe('replicator', () => {
     expect((rows[0] as { created_at: Date }).created_at.getTime()).toBe(sample.createdAt);
 
     // The process died after COMMIT but before the SQLite mark: everything is sent again.
-    local.store.db.exec(
-      'UPDATE activity_log SET replicated_at = NULL; UPDATE sync_log SET replicated_at = NULL',
-    );
+    local.store.db.exec('UPDATE replication_watermark SET seq = 0');
     const resend = await replicator.runOnce();
     expect(resend.replicated).toBe(1234 + 57);
     const { rows: counts } = await db.admin.query<{ n: number; d: number }>(
       'SELECT count(*)::int AS n, count(DISTINCT id)::int AS d FROM integration_activity_log',
     );
     expect(counts[0]).toEqual({ n: 1234, d: 1234 });
+    expect(await centralIds(db, 'integration_sync_log')).toEqual(localIds(local, 'sync_log'));
+
+    // A batch that mixes resent rows with new ones: the new ones land, the others once.
+    local.store.db.exec(
+      "UPDATE replication_watermark SET seq = 1000 WHERE log = 'activity_log'; UPDATE replication_watermark SET seq = 30 WHERE log = 'sync_log'",
+    );
+    seed(local, 40, 3);
+    const mixed = await replicator.runOnce();
+    expect(mixed.rejected).toBe(0);
+    expect(mixed.pending).toBe(0);
+    expect(await centralIds(db, 'integration_activity_log')).toEqual(localIds(local, 'activity_log'));
     expect(await centralIds(db, 'integration_sync_log')).toEqual(localIds(local, 'sync_log'));
   });
 
@@ -338,5 +347,15 @@ describe('replicator', () => {
     expect(failing.status().state).toBe('backoff');
     await failing.stop();
     expect(unreplicated(down)).toBe(6);
+  });
+});
+
+describe('toTimestamp', () => {
+  it('gives the same ISO text as Date for any millisecond, also across seconds and before 1970', () => {
+    const samples = [0, 1, 999, 1000, -1, -1001, 1_764_380_000_123, 1_764_380_000_999, 1_764_380_001_000];
+    for (let i = 0; i < 2000; i++) samples.push(Math.floor(Math.random() * 4e12) - 1e12);
+    for (const ms of samples) expect(toTimestamp(ms)).toBe(new Date(ms).toISOString());
+    expect(toTimestamp(Number.NaN)).toBe('NaN');
+    expect(toTimestamp(1.5)).toBe(new Date(1.5).toISOString());
   });
 });

@@ -33,13 +33,17 @@ describe('local retention', () => {
         for (let i = 0; i < n; i++)
           activity.record({ activityType: 'publish', direction: 'outgoing', status: 'success' });
       })();
-    // 100 days ago: 1,200 replicated + 700 never replicated; 10 days ago: 300 replicated + 50 pending.
-    record(1900);
-    store.db.exec('UPDATE activity_log SET replicated_at = created_at WHERE seq <= 1200');
+    // Replicated: 1,200 rows of 100 days ago and 300 of 10 days ago, one of the old ones set aside.
+    // Never replicated: 700 rows of 100 days ago (written while the clock was wrong) and 50 pending.
+    record(1200);
     t = Date.now() - 10 * DAY;
-    record(350);
-    store.db.exec('UPDATE activity_log SET replicated_at = created_at WHERE seq > 1900 AND seq <= 2200');
-    store.db.exec("UPDATE activity_log SET replication_error = '42501: rejected' WHERE seq = 1300");
+    record(300);
+    store.db.exec("UPDATE replication_watermark SET seq = 1500 WHERE log = 'activity_log'");
+    store.db.exec("UPDATE activity_log SET replication_error = '42501: rejected' WHERE seq = 1100");
+    t = Date.now() - 100 * DAY;
+    record(700);
+    t = Date.now() - 10 * DAY;
+    record(50);
     t = Date.now();
 
     const retention = createRetention({
@@ -49,17 +53,19 @@ describe('local retention', () => {
       activity,
       chunkSize: 250,
     });
-    expect(retention.run()).toEqual({ deletedReplicated: 1500, droppedUnreplicated: 700 });
+    expect(retention.run()).toEqual({ deletedReplicated: 1499, droppedUnreplicated: 701 });
     const left = store.db
-      .prepare('SELECT count(*) AS n, sum(replicated_at IS NULL) AS pending FROM activity_log')
+      .prepare(
+        "SELECT count(*) AS n, sum(seq > (SELECT seq FROM replication_watermark WHERE log = 'activity_log')) AS pending FROM activity_log",
+      )
       .get();
     // 50 pending of 10 days ago survive, plus the retention_dropped row.
     expect(left).toEqual({ n: 51, pending: 51 });
     const dropped = activity.list({ activityType: 'retention_dropped' });
     expect(dropped).toHaveLength(1);
-    expect(dropped[0]!.metadata).toMatchObject({ droppedActivity: 700, droppedSync: 0 });
+    expect(dropped[0]!.metadata).toMatchObject({ droppedActivity: 701, droppedSync: 0 });
     expect(lines.filter((l) => l.msg === 'retention_dropped_unreplicated')).toEqual([
-      expect.objectContaining({ level: 'warn', droppedActivity: 700 }),
+      expect.objectContaining({ level: 'warn', droppedActivity: 701 }),
     ]);
 
     expect(retention.run()).toEqual({ deletedReplicated: 0, droppedUnreplicated: 0 });
