@@ -346,7 +346,12 @@ export function createGateway(options: GatewayOptions): Gateway {
         });
       }
       checkAbort();
-      outbox = createOutbox({ db: store.db, logger: logger.child({ component: 'outbox' }), activity });
+      outbox = createOutbox({
+        db: store.db,
+        logger: logger.child({ component: 'outbox' }),
+        activity,
+        syncWal: store.syncWal,
+      });
       ingest = createIngest({
         outbox,
         logger: logger.child({ component: 'ingest' }),

@@ -2,6 +2,7 @@ import Database from 'better-sqlite3';
 import {
   closeSync,
   existsSync,
+  fdatasync,
   mkdirSync,
   openSync,
   readFileSync,
@@ -15,6 +16,7 @@ import type { Logger } from '../logger.js';
 import { LOCAL_MIGRATIONS } from './migrations.js';
 
 export type SqliteDatabase = Database.Database;
+export type Statement = Database.Statement;
 
 export interface OpenStoreOptions {
   dataDir: string;
@@ -31,6 +33,12 @@ export interface Store {
   readonly file: string;
   /** Set when a corrupt file was moved aside at open (policy `quarantine`). */
   readonly quarantinedTo: string | undefined;
+  /**
+   * fdatasync of the WAL file on libuv's thread pool, off the event loop: what synchronous=FULL
+   * does inside COMMIT, for commits made with synchronous=NORMAL. Every commit that returned
+   * before the call is durable when the callback runs without an error.
+   */
+  syncWal(callback: (err: Error | null) => void): void;
   /** Checkpoints the WAL, closes the database and releases the lock. Idempotent. */
   close(): void;
 }
@@ -87,13 +95,42 @@ export function openStore(options: OpenStoreOptions): Store {
   }
 
   let closed = false;
+  /** The WAL file, opened at the first sync (a WAL-mode commit has created it by then). */
+  let walFd: number | undefined;
+  let syncsInFlight = 0;
+  const closeWal = () => {
+    if (walFd === undefined || syncsInFlight > 0) return;
+    closeSync(walFd);
+    walFd = undefined;
+  };
   return {
     db,
     file,
     quarantinedTo,
+    syncWal(callback) {
+      if (closed) {
+        callback(new Error('the store is closed'));
+        return;
+      }
+      try {
+        walFd ??= openSync(file + '-wal', 'r+');
+      } catch (err) {
+        callback(err as Error);
+        return;
+      }
+      syncsInFlight++;
+      fdatasync(walFd, (err) => {
+        syncsInFlight--;
+        // Closed meanwhile: the fd outlived close() only for this sync.
+        if (closed) closeWal();
+        callback(err);
+      });
+    },
     close() {
       if (closed) return;
       closed = true;
+      // Not while a sync runs on the thread pool: its fd number could be reused meanwhile.
+      closeWal();
       try {
         db.pragma('wal_checkpoint(TRUNCATE)');
       } catch (err) {

@@ -17,6 +17,12 @@ export interface RecentRows {
   add(integrationId: string, row: CachedRow): void;
   /** Rows with id > afterId in id order, or undefined when the cache cannot answer. */
   read(integrationId: string, afterId: number, limit: number, now: number): OutboundMessage[] | undefined;
+  /**
+   * When `ids` are exactly the queue's rows from the lowest to the highest of them (every row of
+   * that range is held here, none is missing from `ids`), that range: one range DELETE then
+   * removes them, and no other row. Otherwise undefined.
+   */
+  span(integrationId: string, ids: readonly number[]): { lo: number; hi: number } | undefined;
   /** After COMMIT: rows deleted (acked, dead-lettered). */
   remove(integrationId: string, ids: readonly number[]): void;
   /** After COMMIT: every row up to this id was deleted (drop-oldest). */
@@ -76,6 +82,24 @@ export function createRecentRows(options: {
         if (row.expiresAt === null || row.expiresAt > now) out.push(row.message);
       }
       return out;
+    },
+    span(integrationId, ids) {
+      const q = queues.get(integrationId);
+      if (q === undefined || ids.length === 0) return undefined;
+      const sorted = [...ids].sort((a, b) => a - b);
+      const lo = sorted[0]!;
+      // Rows at or below the floor may exist in SQLite only.
+      if (lo <= q.floor) return undefined;
+      let i = indexOf(q.rows, lo);
+      if (i < 0) return undefined;
+      let previous = Number.NaN;
+      for (const id of sorted) {
+        if (id === previous) continue; // an id acked twice
+        if (q.rows[i]?.message.id !== id) return undefined;
+        previous = id;
+        i++;
+      }
+      return { lo, hi: previous };
     },
     remove(integrationId, ids) {
       const q = queues.get(integrationId);

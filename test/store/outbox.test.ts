@@ -540,3 +540,139 @@ describe('outbox: restart, close, disk full, volume', () => {
     expect(seen.size).toBe(20_000);
   });
 });
+
+describe('outbox: WAL sync off the event loop', () => {
+  let dir: string;
+  let store: Store;
+  let outbox: Outbox;
+  let logs: Record<string, unknown>[];
+  /** Syncs the outbox asked for, held until the test releases them (to the store's real sync, or with an error). */
+  let held: ((err: Error | null) => void)[];
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'outbox-sync-'));
+    logs = [];
+    const logger = createLogger({
+      level: 'debug',
+      gatewayId: 'gw-test',
+      destination: { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) },
+    });
+    store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: true });
+    const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
+    held = [];
+    outbox = createOutbox({
+      db: store.db,
+      logger,
+      activity,
+      asyncSyncBatch: 4,
+      syncWal: (callback) => void held.push(callback),
+    });
+  });
+  afterEach(async () => {
+    while (held.length > 0) store.syncWal(held.shift()!);
+    await outbox.close();
+    store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Enqueues in one turn of the loop (one batch); `settled` counts resolved and rejected promises. */
+  function burst(n: number, tag: string) {
+    const state = { resolved: 0, rejected: [] as unknown[] };
+    const all = Promise.all(
+      Array.from({ length: n }, (_, i) =>
+        outbox.enqueue(msg(`${tag}${i}`), [target(A)]).then(
+          () => void state.resolved++,
+          (err: unknown) => void state.rejected.push(err),
+        ),
+      ),
+    );
+    return { state, all };
+  }
+  const turn = () => new Promise((resolve) => setImmediate(resolve));
+  const release = (err: Error | null = null) => {
+    const callback = held.shift()!;
+    if (err === null) store.syncWal(callback);
+    else callback(err);
+  };
+
+  it('settles a batch under load only after a WAL sync that began after its COMMIT; later batches wait for the next', async () => {
+    const first = burst(10, 'a');
+    await turn();
+    await turn();
+    expect(tableState(store.file, A).depth).toBe(10); // committed and visible to the forwarder …
+    expect(outbox.read(A, 0, 100)).toHaveLength(10);
+    expect(first.state.resolved).toBe(0); // … but no PUBACK before the sync
+    expect(held).toHaveLength(1);
+
+    const second = burst(5, 'b'); // committed while the first sync runs: it waits for the next one
+    await turn();
+    await turn();
+    expect(tableState(store.file, A).depth).toBe(15);
+    expect(held).toHaveLength(1);
+
+    release();
+    await first.all;
+    expect(first.state.resolved).toBe(10);
+    expect(second.state.resolved).toBe(0);
+    expect(held).toHaveLength(1); // the next sync, started when the first ended
+
+    // A small batch commits with synchronous=FULL inline: that syncs the WAL, the second batch's
+    // frames included, so both settle without waiting for the second sync.
+    const third = burst(1, 'c');
+    await third.all;
+    await second.all;
+    expect(third.state.resolved).toBe(1);
+    expect(second.state.resolved).toBe(5);
+    release(Object.assign(new Error('EIO'), { code: 'EIO' })); // too late to matter
+    await turn();
+    expect(logs.filter((l) => l.msg === 'queue_sync_failed')).toHaveLength(0);
+  });
+
+  it('commits a small batch on a quiet store with synchronous=FULL inline, without a deferred sync', async () => {
+    await outbox.enqueue(msg('quiet'), [target(A)]);
+    expect(held).toHaveLength(0);
+    expect(store.db.pragma('synchronous', { simple: true })).toBe(2);
+  });
+
+  it('refuses the PUBACK when the sync fails: the devices keep their copies', async () => {
+    const batch = burst(6, 'x');
+    await turn();
+    await turn();
+    release(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+    await batch.all;
+    expect(batch.state.resolved).toBe(0);
+    expect(batch.state.rejected).toHaveLength(6);
+    expect(batch.state.rejected[0]).toBeInstanceOf(GatewayError);
+    expect((batch.state.rejected[0] as GatewayError).code).toBe(ErrorCodes.STORE_WRITE);
+    expect((batch.state.rejected[0] as GatewayError).message).toMatch(/cannot make 6 messages durable.*EIO/);
+    expect(logs.filter((l) => l.msg === 'queue_sync_failed')).toHaveLength(1);
+  });
+
+  it('close() waits for the last sync', async () => {
+    const batch = burst(8, 'c');
+    await turn();
+    await turn();
+    let closed = false;
+    const closing = outbox.close().then(() => void (closed = true));
+    await turn();
+    expect(closed).toBe(false);
+    release();
+    await closing;
+    await batch.all;
+    expect(batch.state.resolved).toBe(8);
+  });
+
+  it("the store's own sync makes concurrent enqueues durable", async () => {
+    const silent = createLogger({ level: 'silent', gatewayId: 't' });
+    const real = createOutbox({
+      db: store.db,
+      logger: silent,
+      activity: createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: silent }),
+      asyncSyncBatch: 2,
+      syncWal: store.syncWal,
+    });
+    await Promise.all(Array.from({ length: 500 }, (_, i) => real.enqueue(msg(`r${i}`), [target(B)])));
+    await real.close();
+    expect(tableState(store.file, B).depth).toBe(500);
+  });
+});

@@ -44,6 +44,12 @@ describe('recent rows', () => {
         cache.removeUpTo(Q, upTo);
         model = model.filter((id) => id > upTo);
       } else {
+        // span() may only name a range whose rows are exactly the acked ids.
+        const span = cache.span(Q, ids);
+        if (span !== undefined) {
+          const inRange = model.filter((id) => id >= span.lo && id <= span.hi);
+          expect(inRange).toEqual([...new Set(ids)].sort((a, b) => a - b));
+        }
         cache.remove(Q, ids);
         const gone = new Set(ids);
         model = model.filter((id) => !gone.has(id));
@@ -51,6 +57,17 @@ describe('recent rows', () => {
       const read = cache.read(Q, 0, 1_000_000, 0)!;
       expect(read.map((m) => m.id)).toEqual(model);
     }
+  });
+
+  it('names the range of a run of consecutive acked rows, and nothing else', () => {
+    const cache = createRecentRows({ floor: 10, maxRows: 1000, maxBytes: 1e12 });
+    for (const id of [11, 12, 13, 15, 16, 20]) cache.add(Q, row(id));
+    expect(cache.span(Q, [13, 11, 12, 12])).toEqual({ lo: 11, hi: 13 });
+    expect(cache.span(Q, [13, 15, 16])).toEqual({ lo: 13, hi: 16 }); // 14 is no row of this queue
+    expect(cache.span(Q, [11, 13])).toBeUndefined(); // 12 is not acked
+    expect(cache.span(Q, [16, 21])).toBeUndefined(); // 21 is unknown
+    expect(cache.span(Q, [10, 11])).toBeUndefined(); // at the floor: SQLite may hold rows the cache does not
+    expect(cache.span('other', [11])).toBeUndefined();
   });
 
   it('keeps its byte count exact, so eviction by bytes keeps working', () => {
