@@ -1,3 +1,4 @@
+import { readFile } from 'node:fs/promises';
 import { closedLoopBurst, waitForArrivals } from './lib/load.js';
 import { withSetup } from './lib/setup.js';
 import { orderForRun, type BenchSettings } from './lib/settings.js';
@@ -14,6 +15,8 @@ export interface ThroughputRun {
   fanIn: number;
   missing: number;
   duplicates: number;
+  /** CPU time (user + system) of the broker process per message delivered, µs: robust to a busy machine. */
+  cpuUsPerMessage: number;
 }
 
 /**
@@ -25,7 +28,8 @@ export async function measureThroughput(
   settings: BenchSettings,
   name: SystemName,
 ): Promise<ThroughputRun> {
-  return withSetup(ctx, settings, name, {}, async ({ collector, devices }) => {
+  return withSetup(ctx, settings, name, {}, async ({ collector, devices, system }) => {
+    const cpuBefore = await processCpuMs(system.pid);
     const perDevice = settings.messagesPerDevice;
     const total = devices.length * perDevice;
     const timeoutMs = Math.max(60_000, total); // ≥ 1,000 msg/s or it counts as failed
@@ -39,6 +43,7 @@ export async function measureThroughput(
       timeoutMs,
     );
     await waitForArrivals(collector, total, 3_000, timeoutMs);
+    const cpuMs = (await processCpuMs(system.pid)) - cpuBefore;
     const arrived = collector.arrived.size;
     // Delivered messages per second: a system that drops (Mosquitto's bridge queue overflows
     // when devices outpace it) is credited only with what arrived; the loss shows in `missing`.
@@ -47,6 +52,7 @@ export async function measureThroughput(
       fanIn: burst.acked.size === total ? total / ((burst.lastAck - burst.start) / 1000) : Number.NaN,
       missing: total - arrived,
       duplicates: collector.duplicates,
+      cpuUsPerMessage: arrived > 0 ? (cpuMs * 1000) / arrived : Number.NaN,
     };
   });
 }
@@ -60,7 +66,13 @@ export async function runThroughputBench(ctx: BenchContext, settings: BenchSetti
         result = await measureThroughput(ctx, settings, name);
       } catch (err) {
         console.error(`throughput ${name} run ${r + 1} failed: ${(err as Error).message}`);
-        result = { endToEnd: Number.NaN, fanIn: Number.NaN, missing: Number.NaN, duplicates: Number.NaN };
+        result = {
+          endToEnd: Number.NaN,
+          fanIn: Number.NaN,
+          missing: Number.NaN,
+          duplicates: Number.NaN,
+          cpuUsPerMessage: Number.NaN,
+        };
       }
       runs.get(name)!.push(result);
       console.error(
@@ -78,6 +90,7 @@ export async function runThroughputBench(ctx: BenchContext, settings: BenchSetti
       rs.map((x) => fmt(x.endToEnd)).join(', '),
       String(rs.reduce((a, x) => a + (Number.isFinite(x.missing) ? x.missing : 0), 0)),
       String(rs.reduce((a, x) => a + (Number.isFinite(x.duplicates) ? x.duplicates : 0), 0)),
+      median(rs.map((x) => x.cpuUsPerMessage)).toFixed(1),
     ];
   });
   const lines = [
@@ -91,6 +104,7 @@ export async function runThroughputBench(ctx: BenchContext, settings: BenchSetti
         'end to end per run',
         'missing (all runs)',
         'duplicates (all runs)',
+        'broker CPU µs/msg (median)',
       ],
       systemRows,
     ),
@@ -108,6 +122,14 @@ export async function runThroughputBench(ctx: BenchContext, settings: BenchSetti
     );
   }
   return lines.join('\n');
+}
+
+/** utime + stime of a process from /proc, ms (clock ticks of 10 ms). */
+async function processCpuMs(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command (which may hold spaces) start after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
 function ratioRowsFor(

@@ -565,6 +565,7 @@ describe('outbox: WAL sync off the event loop', () => {
       logger,
       activity,
       asyncSyncBatch: 4,
+      asyncSyncRate: Number.POSITIVE_INFINITY,
       syncWal: (callback) => void held.push(callback),
     });
   });
@@ -632,6 +633,32 @@ describe('outbox: WAL sync off the event loop', () => {
     await outbox.enqueue(msg('quiet'), [target(A)]);
     expect(held).toHaveLength(0);
     expect(store.db.pragma('synchronous', { simple: true })).toBe(2);
+  });
+
+  it('defers the sync of small batches too while messages arrive fast', async () => {
+    const silent = createLogger({ level: 'silent', gatewayId: 't' });
+    const fast = createOutbox({
+      db: store.db,
+      logger: silent,
+      activity: createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: silent }),
+      asyncSyncBatch: 1000,
+      asyncSyncRate: 1, // any traffic at all counts as fast once a 100 ms window has passed
+      syncWal: (callback) => void held.push(callback),
+    });
+    const first = fast.enqueue(msg('first'), [target(B)]); // starts the rate's window
+    await turn();
+    while (held.length > 0) release();
+    await first;
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    let settled = false;
+    const second = fast.enqueue(msg('second'), [target(B)]).then(() => void (settled = true));
+    await turn();
+    await turn();
+    expect(held).toHaveLength(1);
+    expect(settled).toBe(false);
+    release();
+    await second;
+    await fast.close();
   });
 
   it('refuses the PUBACK when the sync fails: the devices keep their copies', async () => {
