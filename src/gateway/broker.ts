@@ -1,4 +1,5 @@
 import { Aedes, type AedesPublishPacket, type Client, type PublishPacket, type Subscription } from 'aedes';
+import { writeToStream } from 'mqtt-packet';
 import type { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import type { Config } from '../config/schema.js';
@@ -110,6 +111,9 @@ const DRAIN_TIMEOUT_MS = 30_000;
 const STATUS_PUBLISH_TIMEOUT_MS = 2_000;
 
 export function createBroker(options: BrokerOptions): Broker {
+  // mqtt-packet (shared by aedes and mqtt.js) would build 65,536 cached 2-byte Buffers (~7 MB of
+  // heap) on the first packet written; allocating a number's two bytes per packet is enough.
+  writeToStream.cacheNumbers = false;
   const { gatewayId, logger, activity } = options;
   let config = options.config;
   const statusTopic = `gateway/${gatewayId}/status`;
