@@ -107,4 +107,10 @@ export const LOCAL_MIGRATIONS: readonly string[] = [
   ALTER TABLE activity_log DROP COLUMN replicated_at;
   ALTER TABLE sync_log DROP COLUMN replicated_at;
   `,
+  // 4: expiry walks each queue from its oldest row instead (rows of a queue expire in order);
+  // every insert and delete kept this index up to date for a purge that runs once a minute
+  // (measured: about a quarter of an insert's cost).
+  `
+  DROP INDEX queue_messages_by_expiry;
+  `,
 ];

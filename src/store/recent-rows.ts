@@ -28,7 +28,6 @@ export interface RecentRows {
   /** After COMMIT: every row up to this id was deleted (drop-oldest). */
   removeUpTo(integrationId: string, id: number): void;
   bumpAttempts(integrationId: string, ids: readonly number[]): void;
-  removeExpired(now: number): void;
 }
 
 interface QueueCache {
@@ -53,12 +52,6 @@ export function createRecentRows(options: {
       queues.set(integrationId, q);
     }
     return q;
-  };
-  const keep = (q: QueueCache, predicate: (row: CachedRow) => boolean) => {
-    const kept = q.rows.filter(predicate);
-    if (kept.length === q.rows.length) return;
-    q.rows = kept;
-    q.bytes = kept.reduce((n, r) => n + r.message.payload.length, 0);
   };
 
   return {
@@ -143,9 +136,6 @@ export function createRecentRows(options: {
       if (q === undefined) return;
       const bumped = new Set(ids);
       for (const row of q.rows) if (bumped.has(row.message.id)) row.message.attempts++;
-    },
-    removeExpired(now) {
-      for (const q of queues.values()) keep(q, (row) => row.expiresAt === null || row.expiresAt > now);
     },
   };
 }
