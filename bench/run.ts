@@ -10,7 +10,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runLatencyBench } from './latency.js';
-import { createProcessGroup } from './lib/process.js';
+import { createProcessGroup, pin, pinDescription } from './lib/process.js';
 import { readSettings } from './lib/settings.js';
 import { fmt, markdownTable } from './lib/table.js';
 import { gatewayAvailable, gatewayCliPath, repoRoot, type BenchContext } from './lib/systems.js';
@@ -83,6 +83,8 @@ async function main(): Promise<number> {
     console.error(`gateway: ${gatewayCliPath(root)} not built, measuring the baselines only`);
     settings.systems = settings.systems.filter((s) => s !== 'gateway');
   }
+  // This process runs the devices and the upstream subscriber: part of the load.
+  pin(process.pid, 'load');
   const tmpRoot = await mkdtemp(join(tmpdir(), 'iot-gateway-bench-'));
   const ctx: BenchContext = { group, tmpRoot, root };
   const started = Date.now();
@@ -91,7 +93,7 @@ async function main(): Promise<number> {
     `## Bench run ${new Date().toISOString()}`,
     '',
     `${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}, ${mosquittoVersion()}; ` +
-      `systems: ${settings.systems.join(', ')}${settings.quick ? ' (BENCH_QUICK=1)' : ''}`,
+      `systems: ${settings.systems.join(', ')}${settings.quick ? ' (BENCH_QUICK=1)' : ''}; ${pinDescription()}`,
   ];
   const quiet = new Set<string>();
   const benches: [string, () => Promise<string | undefined>][] = [

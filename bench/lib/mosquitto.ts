@@ -1,6 +1,6 @@
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { waitForPort, type Child, type ProcessGroup } from './process.js';
+import { pin, waitForPort, type Child, type PinRole, type ProcessGroup } from './process.js';
 
 export interface MosquittoInstance {
   readonly port: number;
@@ -41,8 +41,11 @@ export async function startMosquitto(
   name: string,
   confPath: string,
   port: number,
+  /** 'system' for Mosquitto's bridge under test; the upstream is part of the load. */
+  role: PinRole = 'load',
 ): Promise<MosquittoInstance> {
   const child = group.spawn(name, 'mosquitto', ['-c', confPath]);
+  pin(child.pid, role);
   try {
     await waitForPort(port, 10_000);
   } catch (err) {

@@ -1,4 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { cpus } from 'node:os';
 import { readFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 
@@ -169,5 +170,38 @@ export async function waitUntil(
   while (!check()) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(stepMs);
+  }
+}
+
+/**
+ * CPU pinning (BENCH_PIN, on by default with two or more CPUs): the system under test gets the
+ * last CPU to itself, and everything else (this process with the devices and the upstream
+ * subscriber, the upstream broker) shares the others. Every system gets the same one core, so a
+ * load generator that happens to land on the system's core no longer decides the result; runs
+ * repeat far better than unpinned ones on a two-core machine.
+ */
+export type PinRole = 'system' | 'load';
+
+export function pinningEnabled(): boolean {
+  return process.env.BENCH_PIN !== '0' && cpus().length >= 2;
+}
+
+export function pinDescription(): string {
+  if (!pinningEnabled()) return 'CPUs not pinned';
+  const n = cpus().length;
+  return `system under test pinned to CPU ${n - 1}, load generator and upstream to CPU ${n === 2 ? '0' : `0-${n - 2}`}`;
+}
+
+/** Pins every thread of `pid` (threads started later inherit it); a no-op when pinning is off. */
+export function pin(pid: number, role: PinRole): void {
+  if (!pinningEnabled()) return;
+  const n = cpus().length;
+  const list = role === 'system' ? String(n - 1) : n === 2 ? '0' : `0-${n - 2}`;
+  try {
+    execFileSync('taskset', ['-a', '-p', '-c', list, String(pid)], { stdio: 'ignore' });
+  } catch (err) {
+    throw new Error(
+      `taskset could not pin pid ${pid} to CPU ${list} (${(err as Error).message}); set BENCH_PIN=0`,
+    );
   }
 }

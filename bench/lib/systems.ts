@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
 import { freePort } from './ports.js';
 import { startMosquitto, writeMosquittoConf, type MosquittoInstance } from './mosquitto.js';
-import { waitForPort, type Child, type ProcessGroup } from './process.js';
+import { pin, waitForPort, type Child, type ProcessGroup } from './process.js';
 
 /** g: the gateway; relay: plain aedes + mqtt.js (a); bridge: Mosquitto's bridge (b); aedes: bare aedes (RSS reference). */
 export type SystemName = 'gateway' | 'relay' | 'bridge' | 'aedes';
@@ -63,6 +63,7 @@ export async function startSystem(
       const script = fileURLToPath(new URL('./relay-child.js', import.meta.url));
       const args = name === 'aedes' ? ['bare', String(port)] : ['relay', String(port), String(upstreamPort)];
       const child = ctx.group.spawn(name, process.execPath, [script, ...args]);
+      pin(child.pid, 'system');
       await readyOrStop(child, /^ready$/);
       return { name, port, pid: child.pid, child, stop: () => child.stop() };
     }
@@ -73,7 +74,13 @@ export async function startSystem(
         `address 127.0.0.1:${upstreamPort}`,
         'topic devices/# out 1',
       ]);
-      const local: MosquittoInstance = await startMosquitto(ctx.group, 'mosquitto-bridge', conf, port);
+      const local: MosquittoInstance = await startMosquitto(
+        ctx.group,
+        'mosquitto-bridge',
+        conf,
+        port,
+        'system',
+      );
       return { name, port, pid: local.child.pid, child: local.child, stop: local.stop };
     }
     case 'gateway': {
@@ -118,6 +125,7 @@ export async function startSystem(
           cwd: dir,
         },
       );
+      pin(child.pid, 'system');
       await readyOrStop(child, /"msg":"gateway_ready"/);
       await waitForPort(port, 5_000);
       await waitReadyz(httpPort, 10_000);

@@ -44,7 +44,12 @@ export interface ForwarderOptions {
   retryBackoff?: Backoff;
 }
 
-const ACK_BATCH_ROWS = 100;
+/**
+ * Acked rows are deleted in groups of this many, or this long after the first: each delete is a
+ * commit, and at 20,000 msg/s groups of 100 cost a sixth of the gateway's CPU (measured). A crash
+ * resends at most one group (plus the in-flight window).
+ */
+const ACK_BATCH_ROWS = 500;
 const ACK_BATCH_MS = 50;
 const DELIVER_REPORT_MS = 10_000;
 /** A backstop for a missed wake(): look at the queue at least this often while connected. */
