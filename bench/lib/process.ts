@@ -180,7 +180,7 @@ export async function waitUntil(
  * load generator that happens to land on the system's core no longer decides the result; runs
  * repeat far better than unpinned ones on a two-core machine.
  */
-export type PinRole = 'system' | 'load';
+export type PinRole = 'system' | 'load' | 'any';
 
 export function pinningEnabled(): boolean {
   return process.env.BENCH_PIN !== '0' && cpus().length >= 2;
@@ -196,7 +196,8 @@ export function pinDescription(): string {
 export function pin(pid: number, role: PinRole): void {
   if (!pinningEnabled()) return;
   const n = cpus().length;
-  const list = role === 'system' ? String(n - 1) : n === 2 ? '0' : `0-${n - 2}`;
+  const list =
+    role === 'system' ? String(n - 1) : role === 'any' ? `0-${n - 1}` : n === 2 ? '0' : `0-${n - 2}`;
   try {
     execFileSync('taskset', ['-a', '-p', '-c', list, String(pid)], { stdio: 'ignore' });
   } catch (err) {
