@@ -109,6 +109,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
 
   let pendingAcks: number[] = [];
   let ackTimer: NodeJS.Timeout | undefined;
+  let wakeScheduled = false;
   let pumpTimer: NodeJS.Timeout | undefined;
   let retryTimer: NodeJS.Timeout | undefined;
   let pollTimer: NodeJS.Timeout | undefined;
@@ -467,7 +468,15 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       logger.info({ delivered }, 'forwarder_stopped');
     },
     wake() {
-      pump();
+      // On the next turn of the loop: a commit wakes the forwarder before the devices' PUBACKs
+      // are written (they wait on promise callbacks), and sending upstream first would put the
+      // forwarder's work on every PUBACK's path. Wakes in between are one pump.
+      if (wakeScheduled) return;
+      wakeScheduled = true;
+      setImmediate(() => {
+        wakeScheduled = false;
+        pump();
+      });
     },
     setLimits(queue) {
       limits = { ...queue };
