@@ -1,10 +1,7 @@
-import { mkdtempSync, rmSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import type mqttPacket from 'mqtt-packet';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Config, ConfigInput } from '../../src/config/schema.js';
 import {
   createConnectRateLimiter,
@@ -19,32 +16,19 @@ import {
   hashPassword,
   type PasswordVerifier,
 } from '../../src/gateway/password-hash.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore } from '../../src/store/database.js';
+import type { ActivityLog } from '../../src/store/activity-log.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import {
   PASSWORDS,
-  hashDevicePasswords,
+  openWorldStore,
   twoDeviceBrokerConfig,
-  type DeviceHashes,
+  useBrokerTestWorld,
 } from '../helpers/broker-fixture.js';
 import { connectPacket, connectRaw, waitUntil } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-admission';
-let hashes: DeviceHashes;
-let root: string;
-const running: { close(): Promise<void> | void }[] = [];
-
-beforeAll(async () => {
-  hashes = await hashDevicePasswords();
-  root = mkdtempSync(join(tmpdir(), 'gw-admission-'));
-});
-
-afterEach(async () => {
-  while (running.length > 0) await running.pop()!.close();
-});
-
-afterAll(() => rmSync(root, { recursive: true, force: true }));
+const world = useBrokerTestWorld('gw-admission-');
+const running = world.running;
 
 /** A clock the test moves by hand: nothing here waits for real time to pass. */
 function manualClock(start = 1_000) {
@@ -73,7 +57,7 @@ function countingVerifier(): { verifier: PasswordVerifier; readonly calls: numbe
 }
 
 function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
-  return twoDeviceBrokerConfig(GATEWAY_ID, root, hashes, broker);
+  return twoDeviceBrokerConfig(GATEWAY_ID, world.root, world.hashes, broker);
 }
 
 interface Harness {
@@ -83,7 +67,6 @@ interface Harness {
   logs: LogRecord[];
 }
 
-let storeCount = 0;
 async function startBroker(options: {
   config: Config['broker'];
   now: () => number;
@@ -92,14 +75,7 @@ async function startBroker(options: {
 }): Promise<Harness> {
   const logs: LogRecord[] = [];
   const logger = createCaptureLogger(logs, { gatewayId: GATEWAY_ID });
-  const store = openStore({
-    dataDir: join(root, `store-${storeCount++}`),
-    logger,
-    onCorrupt: 'refuse',
-    lock: false,
-  });
-  running.push({ close: () => store.close() });
-  const activity = createActivityLog({ db: store.db, gatewayId: GATEWAY_ID, logger });
+  const { activity } = openWorldStore(world, GATEWAY_ID, logger);
   const broker = createBroker({
     config: options.config,
     gatewayId: GATEWAY_ID,
@@ -459,7 +435,7 @@ describe('broker admission: login backoff', () => {
         loginBackoff: backoff,
         devices: [
           { id: 'sensor-1', passwordHash: rotated },
-          { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+          { id: 'sensor-2', passwordHash: world.hashes['sensor-2'] },
         ],
       }),
     );
@@ -490,7 +466,7 @@ describe('broker admission: login cache', () => {
       brokerConfig({
         devices: [
           { id: 'sensor-1', passwordHash: rotated },
-          { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+          { id: 'sensor-2', passwordHash: world.hashes['sensor-2'] },
         ],
       }),
     );

@@ -1,48 +1,29 @@
-import { mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import mqtt from 'mqtt';
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { createBroker } from '../../src/gateway/broker.js';
 import { createLogger } from '../../src/logger.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
 import {
   PASSWORDS,
-  hashDevicePasswords,
+  openWorldStore,
   twoDeviceBrokerConfig,
-  type DeviceHashes,
+  useBrokerTestWorld,
 } from '../helpers/broker-fixture.js';
 
 const GATEWAY_ID = 'gw-test';
 /** The module aedes and mqtt.js write packets with (one copy in node_modules, one instance). */
 const numbers = createRequire(import.meta.url)('mqtt-packet/numbers.js') as { cache: Record<number, Buffer> };
 
-let hashes: DeviceHashes;
-let dataDir: string;
-let store: Store;
-let activity: ActivityLog;
-
-beforeAll(async () => {
-  hashes = await hashDevicePasswords();
-  dataDir = mkdtempSync(join(tmpdir(), 'gw-broker-mem-'));
-  const logger = createLogger({ level: 'silent', gatewayId: GATEWAY_ID });
-  store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: false });
-  activity = createActivityLog({ db: store.db, gatewayId: GATEWAY_ID, logger });
-});
-
-afterAll(() => {
-  store.close();
-  rmSync(dataDir, { recursive: true, force: true });
-});
+const world = useBrokerTestWorld('gw-broker-mem-');
 
 it('writes packets without building mqtt-packet’s 65,536-buffer number cache (≈ 7 MB of heap)', async () => {
+  const logger = createLogger({ level: 'silent', gatewayId: GATEWAY_ID });
+  const { activity } = openWorldStore(world, GATEWAY_ID, logger);
   const broker = createBroker({
-    config: twoDeviceBrokerConfig(GATEWAY_ID, dataDir, hashes),
+    config: twoDeviceBrokerConfig(GATEWAY_ID, world.root, world.hashes),
     gatewayId: GATEWAY_ID,
     retainedStatus: false,
-    logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
+    logger,
     activity,
     ingest: () => Promise.resolve(),
   });

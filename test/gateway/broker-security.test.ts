@@ -1,42 +1,26 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import mqttPacket, { type Packet } from 'mqtt-packet';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Config, ConfigInput } from '../../src/config/schema.js';
 import { createBroker, type Broker } from '../../src/gateway/broker.js';
 import { createPacketSizeScanner } from '../../src/gateway/packet-limit.js';
 import { createLogger } from '../../src/logger.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
+import type { ActivityLog } from '../../src/store/activity-log.js';
 import type { IncomingMessage } from '../../src/store/outbox-types.js';
 import {
   PASSWORDS,
-  hashDevicePasswords,
+  openWorldStore,
   twoDeviceBrokerConfig,
-  type DeviceHashes,
+  useBrokerTestWorld,
 } from '../helpers/broker-fixture.js';
 import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-sec';
-let hashes: DeviceHashes;
-let root: string;
-const running: { close(): Promise<void> | void }[] = [];
-
-beforeAll(async () => {
-  hashes = await hashDevicePasswords();
-  root = mkdtempSync(join(tmpdir(), 'gw-broker-sec-'));
-});
-
-afterEach(async () => {
-  while (running.length > 0) await running.pop()!.close();
-});
-
-afterAll(() => rmSync(root, { recursive: true, force: true }));
+const world = useBrokerTestWorld('gw-broker-sec-');
+const running = world.running;
 
 function brokerConfig(broker: Partial<NonNullable<ConfigInput['broker']>> = {}): Config['broker'] {
-  return twoDeviceBrokerConfig(GATEWAY_ID, root, hashes, broker);
+  return twoDeviceBrokerConfig(GATEWAY_ID, world.root, world.hashes, broker);
 }
 
 interface Harness {
@@ -47,7 +31,6 @@ interface Harness {
   logLines: string[];
 }
 
-let storeCount = 0;
 async function startBroker(
   options: { config?: Config['broker']; activityWindowMs?: number } = {},
 ): Promise<Harness> {
@@ -57,14 +40,7 @@ async function startBroker(
     gatewayId: GATEWAY_ID,
     destination: { write: (line: string) => void logLines.push(line) },
   });
-  const store: Store = openStore({
-    dataDir: join(root, `store-${storeCount++}`),
-    logger,
-    onCorrupt: 'refuse',
-    lock: false,
-  });
-  running.push({ close: () => store.close() });
-  const activity = createActivityLog({ db: store.db, gatewayId: GATEWAY_ID, logger });
+  const { activity } = openWorldStore(world, GATEWAY_ID, logger);
   const ingested: IncomingMessage[] = [];
   const broker = createBroker({
     config: options.config ?? brokerConfig(),
@@ -319,10 +295,10 @@ describe('broker security: topics', () => {
         devices: [
           {
             id: 'sensor-1',
-            passwordHash: hashes['sensor-1'],
+            passwordHash: world.hashes['sensor-1'],
             acl: { publish: ['devices/sensor-1/#'], subscribe: ['devices/#'], deny: ['devices/sensor-2/#'] },
           },
-          { id: 'sensor-2', passwordHash: hashes['sensor-2'] },
+          { id: 'sensor-2', passwordHash: world.hashes['sensor-2'] },
         ],
       }),
     });

@@ -1,5 +1,12 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll } from 'vitest';
 import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
 import { hashPassword } from '../../src/gateway/password-hash.js';
+import type { Logger } from '../../src/logger.js';
+import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
+import { openStore, type Store } from '../../src/store/database.js';
 
 /** The two devices the broker tests log in as. */
 export const PASSWORDS = { 'sensor-1': 'secret-one', 'sensor-2': 'secret-two' } as const;
@@ -30,4 +37,48 @@ export function twoDeviceBrokerConfig(
       ...broker,
     },
   }).broker;
+}
+
+/** What a broker test file shares: the devices' hashes, a temp root, and what to close after each test. */
+export interface BrokerTestWorld {
+  hashes: DeviceHashes;
+  root: string;
+  running: { close(): Promise<void> | void }[];
+  /** Stores opened so far (each gets its own directory). */
+  stores: number;
+}
+
+/** Registers the hooks that build a BrokerTestWorld before the file's tests and tear it down after. */
+export function useBrokerTestWorld(prefix: string): BrokerTestWorld {
+  const world: BrokerTestWorld = {
+    hashes: { 'sensor-1': '', 'sensor-2': '' },
+    root: '',
+    running: [],
+    stores: 0,
+  };
+  beforeAll(async () => {
+    world.hashes = await hashDevicePasswords();
+    world.root = mkdtempSync(join(tmpdir(), prefix));
+  });
+  afterEach(async () => {
+    while (world.running.length > 0) await world.running.pop()!.close();
+  });
+  afterAll(() => rmSync(world.root, { recursive: true, force: true }));
+  return world;
+}
+
+/** A fresh store (and its activity log) under the world's root, closed after the test. */
+export function openWorldStore(
+  world: BrokerTestWorld,
+  gatewayId: string,
+  logger: Logger,
+): { store: Store; activity: ActivityLog } {
+  const store = openStore({
+    dataDir: join(world.root, `store-${world.stores++}`),
+    logger,
+    onCorrupt: 'refuse',
+    lock: false,
+  });
+  world.running.push({ close: () => store.close() });
+  return { store, activity: createActivityLog({ db: store.db, gatewayId, logger }) };
 }

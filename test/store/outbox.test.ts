@@ -7,7 +7,8 @@ import { ErrorCodes, GatewayError } from '../../src/errors.js';
 import { createLogger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
-import { createOutbox } from '../../src/store/outbox.js';
+import { createOutbox, type OutboxOptions } from '../../src/store/outbox.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import type { EnqueueTarget, IncomingMessage, Outbox, QueueLimits } from '../../src/store/outbox-types.js';
 
 const A = '0b7e0000-0000-4000-8000-00000000000a';
@@ -549,14 +550,17 @@ describe('outbox: WAL sync off the event loop', () => {
   /** Syncs the outbox asked for, held until the test releases them (to the store's real sync, or with an error). */
   let held: ((err: Error | null) => void)[];
 
+  /** Another outbox on the same store, quiet, with its own sync settings. */
+  function secondOutbox(options: Pick<OutboxOptions, 'asyncSyncBatch' | 'asyncSyncRate' | 'syncWal'>) {
+    const silent = createLogger({ level: 'silent', gatewayId: 't' });
+    const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: silent });
+    return createOutbox({ db: store.db, logger: silent, activity, ...options });
+  }
+
   beforeEach(() => {
     dir = mkdtempSync(join(tmpdir(), 'outbox-sync-'));
     logs = [];
-    const logger = createLogger({
-      level: 'debug',
-      gatewayId: 'gw-test',
-      destination: { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) },
-    });
+    const logger = createCaptureLogger(logs as LogRecord[]);
     store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: true });
     const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
     held = [];
@@ -644,11 +648,7 @@ describe('outbox: WAL sync off the event loop', () => {
   });
 
   it('defers the sync of small batches too while messages arrive fast', async () => {
-    const silent = createLogger({ level: 'silent', gatewayId: 't' });
-    const fast = createOutbox({
-      db: store.db,
-      logger: silent,
-      activity: createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: silent }),
+    const fast = secondOutbox({
       asyncSyncBatch: 1000,
       asyncSyncRate: 1, // any traffic at all counts as fast once a 100 ms window has passed
       syncWal: (callback) => void held.push(callback),
@@ -698,11 +698,7 @@ describe('outbox: WAL sync off the event loop', () => {
   });
 
   it("the store's own sync makes concurrent enqueues durable", async () => {
-    const silent = createLogger({ level: 'silent', gatewayId: 't' });
-    const real = createOutbox({
-      db: store.db,
-      logger: silent,
-      activity: createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: silent }),
+    const real = secondOutbox({
       asyncSyncBatch: 2,
       syncWal: store.syncWal,
     });
