@@ -23,7 +23,8 @@ export function formatStatus(s: GatewayStatusSnapshot, options: FormatStatusOpti
     ['Broker', `${s.broker.listening ? 'listening' : 'NOT LISTENING'} on ${listeners}`],
     [
       'Devices',
-      `${count(s.broker.connections)} connected, ${count(s.broker.messagesIn)} messages in, ${count(s.broker.authFailures)} auth failures`,
+      `${count(s.broker.connections)} connected, ${count(s.broker.messagesIn)} messages in, ${count(s.broker.authFailures)} auth failures` +
+        refusedText(s.broker.refused),
     ],
     [
       'Store',
@@ -240,4 +241,19 @@ function fetchFailureReason(err: unknown, timeoutMs: number): string {
   // undici reports the socket error as the cause of a bare "fetch failed"
   const cause = (err as { cause?: { code?: string; message?: string } }).cause;
   return cause?.code ?? cause?.message ?? errorMessage(err);
+}
+
+/** The door's refusals, only those that happened: ", refused: 7 connect rate, 2 login backoff". */
+function refusedText(refused: GatewayStatusSnapshot['broker']['refused']): string {
+  const parts = (
+    [
+      [refused.maxConnections, 'connection cap'],
+      [refused.connectRate, 'connect rate'],
+      [refused.packetTooLarge, 'packet too large'],
+      [refused.loginBackoff, 'login backoff'],
+    ] as const
+  )
+    .filter(([n]) => n > 0)
+    .map(([n, what]) => `${count(n)} ${what}`);
+  return parts.length === 0 ? '' : `, refused: ${parts.join(', ')}`;
 }

@@ -27,7 +27,9 @@ describe('formatStatus', () => {
     const lines = text.split('\n');
     expect(lines[0]).toBe('Gateway site-a-gw1  v0.1.0  pid 4242  up 3h 12m  READY');
     expect(text).toContain('Broker       listening on tcp 0.0.0.0:1883');
-    expect(text).toContain('Devices      2 connected, 12,345 messages in, 3 auth failures');
+    expect(text).toContain(
+      'Devices      2 connected, 12,345 messages in, 3 auth failures, refused: 7 connect rate, 1 packet too large, 2 login backoff',
+    );
     expect(text).toContain(
       'Replication  idle, lag 4s, 12 rows pending, 1,000 replicated, last success 5s ago',
     );
