@@ -6,11 +6,11 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { configSchema, type ConfigInput, type IntegrationConfig } from '../../src/config/schema.js';
 import { ErrorCodes } from '../../src/errors.js';
 import { createIngest, type Ingest } from '../../src/gateway/ingest.js';
-import { createLogger } from '../../src/logger.js';
 import { createActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createOutbox } from '../../src/store/outbox.js';
 import type { IncomingMessage, Outbox } from '../../src/store/outbox-types.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 
 const TELEMETRY = '0b7e0000-0000-4000-8000-000000000001';
 const ALL = '0b7e0000-0000-4000-8000-000000000002';
@@ -68,16 +68,12 @@ let dir: string;
 let store: Store;
 let outbox: Outbox;
 let ingest: Ingest;
-let logs: Record<string, unknown>[];
+let logs: LogRecord[];
 
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'ingest-test-'));
   logs = [];
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) },
-  });
+  const logger = createCaptureLogger(logs, { gatewayId: 'gw-test' });
   store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: true });
   const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
   outbox = createOutbox({ db: store.db, logger, activity });
@@ -153,11 +149,7 @@ describe('ingest', () => {
   it('logs and counts QoS 0 messages that cannot be queued, without throwing', async () => {
     const frozen = createIngest({
       outbox,
-      logger: createLogger({
-        level: 'debug',
-        gatewayId: 'gw-test',
-        destination: { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) },
-      }),
+      logger: createCaptureLogger(logs, { gatewayId: 'gw-test' }),
       integrations: integrations([
         { id: TELEMETRY, routes: [{ from: '#' }], queue: { maxMessages: 1, onFull: 'reject-new' } },
       ]),

@@ -7,13 +7,13 @@ import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { createLogger } from '../../src/logger.js';
 import {
   createSystemdNotifier,
   parseNotifySocket,
   parseWatchdogUsec,
   type SystemdNotifier,
 } from '../../src/gateway/systemd-notify.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 
 /** The part of `unix-dgram` the test uses to play systemd's side of NOTIFY_SOCKET. */
 interface UnixDgramSocket {
@@ -33,7 +33,7 @@ let dir: string;
 let socketPath: string;
 let socket: UnixDgramSocket;
 let messages: string[];
-let logLines: Array<Record<string, unknown>>;
+let logLines: LogRecord[];
 let socketErrors: Error[];
 const notifiers: SystemdNotifier[] = [];
 
@@ -58,11 +58,7 @@ afterEach(() => {
 });
 
 function notifier(env: NodeJS.ProcessEnv, pid?: number): SystemdNotifier {
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: { write: (line: string) => logLines.push(JSON.parse(line) as Record<string, unknown>) },
-  });
+  const logger = createCaptureLogger(logLines, { gatewayId: 'gw-test' });
   const n = createSystemdNotifier({ env, logger, ...(pid === undefined ? {} : { pid }) });
   notifiers.push(n);
   return n;

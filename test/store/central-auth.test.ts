@@ -13,6 +13,7 @@ import { openStore, type Store } from '../../src/store/database.js';
 import { createReplicator, type Replicator } from '../../src/store/replicator.js';
 import { CLI } from '../helpers/daemon.js';
 import { startScramCluster, type ScramCluster } from '../helpers/pg-scram.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 
 const ORG = randomUUID();
 const INTEGRATION = randomUUID();
@@ -24,7 +25,7 @@ const SYNC_ROWS = 3;
 interface Local {
   store: Store;
   activity: ActivityLog;
-  lines: Record<string, unknown>[];
+  lines: LogRecord[];
   logger: ReturnType<typeof createLogger>;
 }
 
@@ -75,12 +76,8 @@ describe('central PostgreSQL with password authentication', () => {
   function openLocal(): Local {
     const dir = mkdtempSync(join(tmpdir(), 'iot-central-auth-'));
     dirs.push(dir);
-    const lines: Record<string, unknown>[] = [];
-    const logger = createLogger({
-      level: 'debug',
-      gatewayId: 'gw-auth',
-      destination: { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) },
-    });
+    const lines: LogRecord[] = [];
+    const logger = createCaptureLogger(lines, { gatewayId: 'gw-auth' });
     const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
     cleanups.push(() => store.close());
     const activity = createActivityLog({ db: store.db, gatewayId: 'gw-auth', organizationId: ORG, logger });

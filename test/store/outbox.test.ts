@@ -56,7 +56,7 @@ interface Harness {
   store: Store;
   activity: ActivityLog;
   outbox: Outbox;
-  logs: Record<string, unknown>[];
+  logs: LogRecord[];
   clock: { t: number };
   reopen(options?: { maxBatch?: number }): Promise<void>;
 }
@@ -65,12 +65,8 @@ let h: Harness;
 
 async function setup(options: { maxBatch?: number; fakeClock?: boolean } = {}): Promise<Harness> {
   const dir = mkdtempSync(join(tmpdir(), 'outbox-test-'));
-  const logs: Record<string, unknown>[] = [];
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) },
-  });
+  const logs: LogRecord[] = [];
+  const logger = createCaptureLogger(logs, { gatewayId: 'gw-test' });
   const clock = { t: 1_700_000_000_000 };
   const now = options.fakeClock ? () => clock.t : Date.now;
   const harness = { dir, logs, clock } as Harness;
@@ -546,7 +542,7 @@ describe('outbox: WAL sync off the event loop', () => {
   let dir: string;
   let store: Store;
   let outbox: Outbox;
-  let logs: Record<string, unknown>[];
+  let logs: LogRecord[];
   /** Syncs the outbox asked for, held until the test releases them (to the store's real sync, or with an error). */
   let held: ((err: Error | null) => void)[];
 
@@ -560,7 +556,7 @@ describe('outbox: WAL sync off the event loop', () => {
   beforeEach(() => {
     dir = mkdtempSync(join(tmpdir(), 'outbox-sync-'));
     logs = [];
-    const logger = createCaptureLogger(logs as LogRecord[]);
+    const logger = createCaptureLogger(logs);
     store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: true });
     const activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger });
     held = [];

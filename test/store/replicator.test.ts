@@ -11,6 +11,7 @@ import { migrateCentral } from '../../src/store/central/central-migrations.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createReplicator, toTimestamp, type Replicator } from '../../src/store/replicator.js';
 import { createTestDatabase, type TestDatabase } from '../helpers/pg.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 
 const ORG = randomUUID();
 const OTHER_ORG = randomUUID();
@@ -19,7 +20,7 @@ const INTEGRATION = randomUUID();
 interface Local {
   store: Store;
   activity: ActivityLog;
-  lines: Record<string, unknown>[];
+  lines: LogRecord[];
   logger: ReturnType<typeof createLogger>;
 }
 
@@ -29,12 +30,8 @@ const cleanups: (() => Promise<void> | void)[] = [];
 function openLocal(now: () => number = Date.now): Local {
   const dir = mkdtempSync(join(tmpdir(), 'iot-repl-'));
   dirs.push(dir);
-  const lines: Record<string, unknown>[] = [];
-  const logger = createLogger({
-    level: 'debug',
-    gatewayId: 'gw-test',
-    destination: { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) },
-  });
+  const lines: LogRecord[] = [];
+  const logger = createCaptureLogger(lines, { gatewayId: 'gw-test' });
   const store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
   cleanups.push(() => store.close());
   const activity = createActivityLog({

@@ -2,10 +2,10 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { createLogger } from '../../src/logger.js';
 import { createActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createRetention } from '../../src/store/retention.js';
+import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 
 const DAY = 86_400_000;
 
@@ -19,12 +19,8 @@ describe('local retention', () => {
 
   it('deletes replicated rows after localReplicated and drops unreplicated ones only after localUnreplicated, counted', () => {
     dir = mkdtempSync(join(tmpdir(), 'iot-retention-'));
-    const lines: Record<string, unknown>[] = [];
-    const logger = createLogger({
-      level: 'info',
-      gatewayId: 'gw',
-      destination: { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) },
-    });
+    const lines: LogRecord[] = [];
+    const logger = createCaptureLogger(lines, { level: 'info', gatewayId: 'gw' });
     store = openStore({ dataDir: dir, logger, onCorrupt: 'refuse', lock: false });
     let t = Date.now() - 100 * DAY;
     const activity = createActivityLog({ db: store.db, gatewayId: 'gw', logger, now: () => t });
