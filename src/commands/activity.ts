@@ -1,5 +1,5 @@
 import { parseDuration } from '../config/units.js';
-import type { ActivityStatus } from '../store/activity-log.js';
+import { ACTIVITY_STATUSES, type ActivityStatus } from '../store/activity-log.js';
 import {
   EXIT_OK,
   commandLogger,
@@ -9,8 +9,6 @@ import {
   usageError,
   type CommandIo,
 } from './common.js';
-
-const STATUSES: ActivityStatus[] = ['started', 'success', 'failed', 'error'];
 
 export interface ActivityArgs {
   integration?: string;
@@ -23,8 +21,8 @@ export interface ActivityArgs {
 /** `iot-gateway activity`: reads the local activity log, newest first. */
 export function activityCommand(io: CommandIo, args: ActivityArgs): number {
   const loaded = loadForCommand(io);
-  if (args.status !== undefined && !STATUSES.includes(args.status as ActivityStatus)) {
-    throw usageError(`--status must be one of ${STATUSES.join(', ')}, not "${args.status}"`);
+  if (args.status !== undefined && !ACTIVITY_STATUSES.includes(args.status as ActivityStatus)) {
+    throw usageError(`--status must be one of ${ACTIVITY_STATUSES.join(', ')}, not "${args.status}"`);
   }
   let since: number | undefined;
   if (args.since !== undefined) {

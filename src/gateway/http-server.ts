@@ -2,7 +2,12 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import { isIP, type AddressInfo } from 'node:net';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
-import type { ActivityFilter, ActivityLog, ActivityStatus } from '../store/activity-log.js';
+import {
+  ACTIVITY_STATUSES,
+  type ActivityFilter,
+  type ActivityLog,
+  type ActivityStatus,
+} from '../store/activity-log.js';
 import { parseDuration } from '../config/units.js';
 import { DASHBOARD_ASSETS } from './dashboard.js';
 import type { Metrics } from './metrics.js';
@@ -42,7 +47,6 @@ const REQUEST_TIMEOUT_MS = 15_000;
 const KEEP_ALIVE_TIMEOUT_MS = 5_000;
 const DEFAULT_ACTIVITY_LIMIT = 100;
 const MAX_ACTIVITY_LIMIT = 1000;
-const ACTIVITY_STATUSES: readonly ActivityStatus[] = ['started', 'success', 'failed', 'error'];
 
 const DASHBOARD_CSP = "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 

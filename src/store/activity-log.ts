@@ -3,7 +3,8 @@ import type { Logger } from '../logger.js';
 import type { SqliteDatabase } from './database.js';
 
 export type ActivityDirection = 'outgoing' | 'incoming' | 'internal';
-export type ActivityStatus = 'started' | 'success' | 'failed' | 'error';
+export const ACTIVITY_STATUSES = ['started', 'success', 'failed', 'error'] as const;
+export type ActivityStatus = (typeof ACTIVITY_STATUSES)[number];
 export type SyncType = 'import' | 'export' | 'bidirectional';
 
 export interface ActivityEntry {
