@@ -52,10 +52,15 @@ export async function measureLatency(
 
 export async function runLatencyBench(ctx: BenchContext, settings: BenchSettings): Promise<string> {
   const sections: string[] = [];
+  // The durable relay (the floor of durable-before-PUBACK on this disk) runs beside the relay.
+  const systems: SystemName[] =
+    settings.systems.includes('relay') && !settings.systems.includes('durable')
+      ? [...settings.systems, 'durable']
+      : settings.systems;
   for (const rate of settings.rates) {
-    const runs = new Map<SystemName, LatencyRun[]>(settings.systems.map((s) => [s, []]));
+    const runs = new Map<SystemName, LatencyRun[]>(systems.map((s) => [s, []]));
     for (let r = 0; r < settings.runs; r++) {
-      for (const name of orderForRun(settings.systems, r)) {
+      for (const name of orderForRun(systems, r)) {
         let result = FAILED;
         try {
           result = await measureLatency(ctx, settings, name, rate);
@@ -68,7 +73,7 @@ export async function runLatencyBench(ctx: BenchContext, settings: BenchSettings
         );
       }
     }
-    const rows = settings.systems.map((name) => {
+    const rows = systems.map((name) => {
       const rs = runs.get(name)!;
       const med = (k: keyof LatencyRun) => median(rs.map((x) => x[k]));
       const sum = (k: keyof LatencyRun) => rs.reduce((a, x) => a + (Number.isFinite(x[k]) ? x[k] : 0), 0);
@@ -101,7 +106,7 @@ export async function runLatencyBench(ctx: BenchContext, settings: BenchSettings
     const gw = runs.get('gateway');
     if (gw) {
       const ratioRows: string[][] = [];
-      for (const other of ['relay', 'bridge'] as const) {
+      for (const other of ['relay', 'durable', 'bridge'] as const) {
         const base = runs.get(other);
         if (!base) continue;
         for (const metric of ['pubackP99', 'e2eP99'] as const) {
@@ -117,6 +122,18 @@ export async function runLatencyBench(ctx: BenchContext, settings: BenchSettings
             targeted ? verdict(med, (v) => v <= 2) : '–',
           ]);
         }
+      }
+      const floor = runs.get('durable');
+      const relay = runs.get('relay');
+      if (floor && relay) {
+        const perRun = floor.map((f, i) => ratio(f.pubackP99, relay[i]?.pubackP99 ?? Number.NaN));
+        ratioRows.push([
+          `${SYSTEM_LABELS.durable} / ${SYSTEM_LABELS.relay} (PUBACK p99)`,
+          perRun.map(fmtRatio).join(', '),
+          fmtRatio(median(perRun)),
+          '–',
+          '–',
+        ]);
       }
       if (ratioRows.length > 0) {
         lines.push(

@@ -1,22 +1,63 @@
 /**
  * Child process for the baselines: `bare PORT` is aedes with a TCP server and nothing else
  * (the RSS reference); `relay PORT UPSTREAM_PORT` adds an mqtt.js client that forwards every
- * device message QoS 1 to the upstream, with no durability (baseline (a)). Prints "ready".
+ * device message QoS 1 to the upstream, with no durability (baseline (a)); `durable PORT
+ * UPSTREAM_PORT DIR` is that relay with the least a broker must do before a PUBACK that
+ * survives power loss: every message inserted into SQLite, one synchronous=FULL commit per turn
+ * of the event loop for all that arrived, the PUBACK after it (the durability floor: no queue
+ * limits, no deletes, no redelivery). Prints "ready".
  */
 import { createServer } from 'node:net';
-import { Aedes } from 'aedes';
+import { join } from 'node:path';
+import { Aedes, type AuthorizePublishHandler } from 'aedes';
+import Database from 'better-sqlite3';
 import mqtt from 'mqtt';
 
+/** authorizePublish that makes each QoS > 0 message durable before aedes may PUBACK it. */
+function durableHook(dir: string): AuthorizePublishHandler {
+  const db = new Database(join(dir, 'floor.db'));
+  db.pragma('journal_mode = WAL');
+  db.pragma('synchronous = FULL');
+  db.exec(
+    'CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL)',
+  );
+  const insert = db.prepare('INSERT INTO messages (topic, payload) VALUES (?, ?)');
+  let staged: { topic: string; payload: Buffer; done: (err?: Error | null) => void }[] = [];
+  const commit = db.transaction((batch: typeof staged) => {
+    for (const m of batch) insert.run(m.topic, m.payload);
+  });
+  const flush = () => {
+    const batch = staged;
+    staged = [];
+    try {
+      commit(batch);
+    } catch (err) {
+      for (const m of batch) m.done(err as Error);
+      return;
+    }
+    for (const m of batch) m.done(null);
+  };
+  return (_client, packet, done) => {
+    if (packet.qos === 0) return done(null);
+    if (staged.length === 0) setImmediate(flush);
+    staged.push({ topic: packet.topic, payload: packet.payload as Buffer, done });
+  };
+}
+
 async function main(): Promise<void> {
-  const [mode, portArg, upstreamArg] = process.argv.slice(2);
+  const [mode, portArg, upstreamArg, dir] = process.argv.slice(2);
   const port = Number(portArg);
-  if ((mode !== 'bare' && mode !== 'relay') || !Number.isInteger(port)) {
-    throw new Error('usage: relay-child bare|relay PORT [UPSTREAM_PORT]');
+  if (
+    (mode !== 'bare' && mode !== 'relay' && mode !== 'durable') ||
+    !Number.isInteger(port) ||
+    (mode === 'durable' && dir === undefined)
+  ) {
+    throw new Error('usage: relay-child bare|relay|durable PORT [UPSTREAM_PORT] [DIR]');
   }
-  const broker = await Aedes.createBroker();
+  const broker = await Aedes.createBroker(mode === 'durable' ? { authorizePublish: durableHook(dir!) } : {});
   const server = createServer({ noDelay: true }, broker.handle);
   let upstream: mqtt.MqttClient | undefined;
-  if (mode === 'relay') {
+  if (mode === 'relay' || mode === 'durable') {
     upstream = await mqtt.connectAsync(`mqtt://127.0.0.1:${Number(upstreamArg)}`, {
       clientId: `bench-relay-${process.pid}`,
       clean: true,

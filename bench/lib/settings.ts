@@ -32,7 +32,7 @@ export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSetting
   const systems = (env.BENCH_SYSTEMS ?? 'gateway,relay,bridge')
     .split(',')
     .map((s) => s.trim())
-    .filter((s): s is SystemName => ['gateway', 'relay', 'bridge'].includes(s));
+    .filter((s): s is SystemName => ['gateway', 'relay', 'bridge', 'durable'].includes(s));
   return {
     quick,
     runs: num(env, 'BENCH_RUNS', quick ? 1 : 3),

@@ -8,14 +8,19 @@ import { freePort } from './ports.js';
 import { startMosquitto, writeMosquittoConf, type MosquittoInstance } from './mosquitto.js';
 import { pin, waitForPort, type Child, type ProcessGroup } from './process.js';
 
-/** g: the gateway; relay: plain aedes + mqtt.js (a); bridge: Mosquitto's bridge (b); aedes: bare aedes (RSS reference). */
-export type SystemName = 'gateway' | 'relay' | 'bridge' | 'aedes';
+/**
+ * g: the gateway; relay: plain aedes + mqtt.js (a); bridge: Mosquitto's bridge (b); aedes: bare
+ * aedes (RSS reference); durable: the relay with one SQLite commit (synchronous=FULL) per turn
+ * of the loop before each PUBACK, the latency floor of durable-before-PUBACK on this disk.
+ */
+export type SystemName = 'gateway' | 'relay' | 'bridge' | 'aedes' | 'durable';
 
 export const SYSTEM_LABELS: Record<SystemName, string> = {
   gateway: 'gateway (g)',
   relay: 'aedes relay (a)',
   bridge: 'mosquitto bridge (b)',
   aedes: 'bare aedes',
+  durable: 'durable relay (floor)',
 };
 
 /** A broker under test that devices connect to on `port`; `pid` is the process whose RSS counts. */
@@ -59,9 +64,15 @@ export async function startSystem(
   const port = await freePort();
   switch (name) {
     case 'aedes':
-    case 'relay': {
+    case 'relay':
+    case 'durable': {
       const script = fileURLToPath(new URL('./relay-child.js', import.meta.url));
-      const args = name === 'aedes' ? ['bare', String(port)] : ['relay', String(port), String(upstreamPort)];
+      const args =
+        name === 'aedes'
+          ? ['bare', String(port)]
+          : name === 'relay'
+            ? ['relay', String(port), String(upstreamPort)]
+            : ['durable', String(port), String(upstreamPort), dir];
       const child = ctx.group.spawn(name, process.execPath, [script, ...args]);
       pin(child.pid, 'system');
       await readyOrStop(child, /^ready$/);
