@@ -431,11 +431,12 @@ export function createOutbox(options: OutboxOptions): Outbox {
       }
     }
     if (!deferSync) {
-      settle(batch, result.outcomes);
-      // Durable too now: the FULL commit synced the WAL, their frames included.
+      // Durable too now: the FULL commit synced the WAL, their frames included. Oldest first:
+      // a device gets its PUBACKs in the order it published (MQTT 3.1.1 4.6).
       for (const entry of covered) settleOnce(entry);
       for (const entry of unsynced) settleOnce(entry);
       unsynced = [];
+      settle(batch, result.outcomes);
     } else {
       unsynced.push({ batch, outcomes: result.outcomes, settled: false });
       if (!syncing) startSync(syncWal!);

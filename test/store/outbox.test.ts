@@ -628,10 +628,15 @@ describe('outbox: WAL sync off the event loop', () => {
     // A small batch commits with synchronous=FULL inline: that syncs the WAL, the second batch's
     // frames included, so both settle without waiting for the second sync.
     const third = burst(1, 'c');
+    const order: string[] = [];
+    void second.all.then(() => order.push('second'));
+    void third.all.then(() => order.push('third'));
     await third.all;
     await second.all;
     expect(third.state.resolved).toBe(1);
     expect(second.state.resolved).toBe(5);
+    // PUBACKs in publish order: the earlier batch's before the later one's.
+    expect(order).toEqual(['second', 'third']);
     release(Object.assign(new Error('EIO'), { code: 'EIO' })); // too late to matter
     await turn();
     expect(logs.filter((l) => l.msg === 'queue_sync_failed')).toHaveLength(0);
