@@ -1,12 +1,13 @@
 import { Aedes } from 'aedes';
 import { randomUUID } from 'node:crypto';
 import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
+import { connect as connectTcp, createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { createServer as createTlsServer } from 'node:tls';
 import { connectAsync, type MqttClient } from 'mqtt';
+import mqttPacket from 'mqtt-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
 import { ErrorCodes, GatewayError } from '../../src/errors.js';
@@ -294,14 +295,128 @@ describe('mqtt provider', () => {
     await other.publishAsync(`${p}/bridge/s1/desired`, 'theirs', { qos: 1 });
     await until(() => received.includes('theirs'));
     expect(received).toEqual(['theirs']);
+  });
 
-    // Control: MQTT 3.1.1 has no No Local, so the same mapping echoes our publication back.
-    const v4 = makeProvider({ url: MOSQUITTO, protocolVersion: 4, ...both }, 'v4');
-    const echoed: string[] = [];
-    v4.onCommand((m) => echoed.push(m.payload.toString()));
-    await v4.connect(signal());
-    await v4.publish(row('devices/s1/telemetry', 'ours-v4'));
-    await until(() => echoed.includes('ours-v4'));
+  /** Both ways over MQTT 3.1.1 on one prefix; `seen` counts what a plain subscriber got, echoes included. */
+  async function bothWaysV4(url: string, extra: Record<string, unknown>, label: string) {
+    const p = prefix();
+    const provider = makeProvider(
+      {
+        url,
+        protocolVersion: 4,
+        outbound: [{ local: 'devices/#', remote: `${p}/bridge/{1}` }],
+        inbound: [{ remote: `${p}/bridge/#`, local: 'devices/{1}' }],
+        ...extra,
+      },
+      label,
+    );
+    const received: string[] = [];
+    provider.onCommand((m) => received.push(`${m.topic} ${m.payload.toString()}`));
+    await provider.connect(signal());
+    const other = await connectAsync(url, { clientId: `other-${randomUUID()}`, reconnectPeriod: 0 });
+    h.cleanups.push(() => other.endAsync(true));
+    return { p, provider, received, other };
+  }
+
+  it('on MQTT 3.1.1 connects as a bridge, so Mosquitto does not send our publications back', async () => {
+    h = setUp();
+    const { p, provider, received, other } = await bothWaysV4(MOSQUITTO, {}, 'v4-bridge');
+    expect(h.logs.some((l) => l.includes('connect_started') && l.includes('"bridge":true'))).toBe(true);
+    await provider.publish(row('devices/s1/telemetry', 'ours'));
+    await other.publishAsync(`${p}/bridge/s1/desired`, 'theirs', { qos: 1 });
+    await until(() => received.length === 1);
+    await new Promise((r) => setTimeout(r, 200)); // an echo would have come by now
+    expect(received).toEqual(['devices/s1/desired theirs']);
+    // Mosquitto suppressed the echo itself: nothing reached the filter.
+    expect(h.logs.some((l) => l.includes('inbound_echo_dropped'))).toBe(false);
+  });
+
+  it('on MQTT 3.1.1 without the bridge flag drops the echo of each own publication, and only that', async () => {
+    h = setUp();
+    const { p, provider, received, other } = await bothWaysV4(MOSQUITTO, { bridgeMode: false }, 'v4-plain');
+    await provider.publish(row('devices/s1/telemetry', 'ours'));
+    await until(() => h.logs.some((l) => l.includes('inbound_echo_dropped')));
+    // The same payload on the same topic from someone else is a new message: it gets through.
+    await other.publishAsync(`${p}/bridge/s1/telemetry`, 'ours', { qos: 1 });
+    await other.publishAsync(`${p}/bridge/s1/desired`, 'theirs', { qos: 1 });
+    await until(() => received.length === 2);
+    expect(received).toEqual(['devices/s1/telemetry ours', 'devices/s1/desired theirs']);
+  });
+
+  /**
+   * Aedes behind a front that answers a CONNECT with the bridge flag with CONNACK 1
+   * (unacceptable protocol version), as brokers without bridge support do; `attempts` records
+   * the flag of every CONNECT.
+   */
+  async function bridgeRefusingBroker(): Promise<{ url: string; attempts: boolean[] }> {
+    const { port: brokerPort } = await startAedes();
+    const attempts: boolean[] = [];
+    const sockets = new Set<Socket>();
+    const server = createServer((socket) => {
+      sockets.add(socket);
+      socket.on('close', () => sockets.delete(socket));
+      socket.on('error', () => {});
+      const parser = mqttPacket.parser();
+      const seen: Buffer[] = [];
+      const onData = (chunk: Buffer) => {
+        seen.push(chunk);
+        parser.parse(chunk);
+      };
+      parser.once('packet', (packet: { cmd: string; bridgeMode?: boolean }) => {
+        socket.off('data', onData);
+        const bridge = packet.bridgeMode === true;
+        attempts.push(bridge);
+        if (bridge) {
+          socket.end(Buffer.from([0x20, 0x02, 0x00, 0x01]));
+          return;
+        }
+        const broker = connectTcp(brokerPort, '127.0.0.1');
+        sockets.add(broker);
+        broker.on('close', () => sockets.delete(broker));
+        broker.on('error', () => socket.destroy());
+        broker.write(Buffer.concat(seen));
+        socket.pipe(broker).pipe(socket);
+      });
+      socket.on('data', onData);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    h.cleanups.push(
+      () =>
+        new Promise<void>((resolve) => {
+          for (const s of sockets) s.destroy();
+          server.close(() => resolve());
+        }),
+    );
+    return { url: `mqtt://127.0.0.1:${(server.address() as { port: number }).port}`, attempts };
+  }
+
+  it('under bridgeMode auto falls back to plain 3.1.1 when the broker refuses the bridge flag', async () => {
+    h = setUp();
+    const { url, attempts } = await bridgeRefusingBroker();
+    const { p, provider, received, other } = await bothWaysV4(url, {}, 'v4-auto');
+    expect(attempts).toEqual([true, false, false]); // ours refused, ours plain, then `other`
+    expect(h.logs.some((l) => l.includes('bridge_mode_refused'))).toBe(true);
+
+    // Aedes echoes like any 3.1.1 broker: the filter drops our copy, a foreign message passes.
+    await provider.publish(row('devices/s1/telemetry', 'ours'));
+    await until(() => h.logs.some((l) => l.includes('inbound_echo_dropped')));
+    await other.publishAsync(`${p}/bridge/s1/desired`, 'theirs', { qos: 1 });
+    await until(() => received.length === 1);
+    expect(received).toEqual(['devices/s1/desired theirs']);
+
+    // The flag stays off for this provider: a reconnect goes straight to plain 3.1.1.
+    await provider.connect(signal());
+    expect(attempts).toEqual([true, false, false, false]);
+  });
+
+  it('with bridgeMode true a refusal of the flag is an error naming the CONNACK, not a silent fallback', async () => {
+    h = setUp();
+    const { url, attempts } = await bridgeRefusingBroker();
+    const provider = makeProvider({ url, bridgeMode: true });
+    const err = await rejection(provider.connect(signal()));
+    expect(err.message).toMatch(/CONNACK 1/);
+    expect(attempts).toEqual([true]);
+    expect(h.logs.some((l) => l.includes('bridge_mode_refused'))).toBe(false);
   });
 
   it('rejects a publish while not connected (retryable) and an oversized payload (not retryable)', async () => {

@@ -5,6 +5,7 @@ import {
   type IConnackPacket,
   type IPublishPacket,
   type MqttClient,
+  type Packet,
 } from 'mqtt';
 import { ErrorCodes, GatewayError, errorMessage, type ErrorCode } from '../../errors.js';
 import { matchTopic, expandTemplate } from '../../gateway/topic-match.js';
@@ -18,6 +19,7 @@ import type {
   ProviderContext,
   SyncResult,
 } from '../provider.js';
+import { createEchoFilter } from './echo-filter.js';
 import { mqttSettingsSchema, type MqttSettings } from './settings.js';
 
 /** MQTT's own ceiling: the largest Remaining Length a packet can declare (256 MiB − 1). */
@@ -89,21 +91,38 @@ type Purpose = 'stream' | 'test' | 'import';
  *
  * Loops: with protocol 5 and `noLocal` (default) the inbound subscriptions carry No Local, so
  * a message we publish through an outbound rule is not delivered back to us even when an
- * inbound filter covers its remote topic. MQTT 3.1.1 has no standard equivalent: there an
- * inbound filter that overlaps an outbound remote topic echoes our own publications back
- * (mapped to the inbound rule's local topic) — avoid such overlaps or use protocol 5.
+ * inbound filter covers its remote topic. MQTT 3.1.1 has no standard equivalent: there the
+ * provider connects as a bridge (`bridgeMode`, which Mosquitto answers with No Local on our
+ * subscriptions), and an echo filter drops the copies of our own publications that a broker
+ * ignoring the flag sends back, so they never reach the inbound rule's local topic.
  */
 /** (device, topic) pairs whose outbound mapping is remembered; the memo starts over when full. */
 const OUTBOUND_MEMO_TOPICS = 10_000;
 
 const noTrace = (): void => {};
 
+/** How long a publication waits for its echo, and how many are remembered at most. */
+const ECHO_TTL_MS = 30_000;
+const ECHO_MAX_ENTRIES = 10_000;
+/** CONNACK return code 1: unacceptable protocol version. */
+const CONNACK_BAD_PROTOCOL = 1;
+
 export function createMqttProvider(context: ProviderContext): Provider {
   const settings: MqttSettings = mqttSettingsSchema.parse(context.integration.settings);
   // The outbound rule and remote topic of each (device, topic) pair, worked out once: devices
   // publish to the same few topics over and over. Settings never change for this provider.
   type OutboundRule = MqttSettings['outbound'][number];
-  type OutboundMapping = { remote: string; rule: OutboundRule } | { error: unknown } | null;
+  /** `echoes`: an inbound filter covers the remote topic, so on 3.1.1 the broker sends it back. */
+  type OutboundMapping = { remote: string; rule: OutboundRule; echoes: boolean } | { error: unknown } | null;
+  const bothWays = settings.inbound.length > 0 && settings.outbound.length > 0;
+  const echoFilter =
+    settings.protocolVersion === 4 && bothWays
+      ? createEchoFilter({ ttlMs: ECHO_TTL_MS, maxEntries: ECHO_MAX_ENTRIES })
+      : undefined;
+  /** Whether the stream connection sets the bridge flag; `auto` clears it when refused. */
+  let bridgeFlag =
+    settings.protocolVersion === 4 &&
+    (settings.bridgeMode === true || (settings.bridgeMode === 'auto' && bothWays));
   let outboundMemo = new Map<string, OutboundMapping>();
   const mapOutbound = (message: OutboundMessage): OutboundMapping => {
     const key = `${message.deviceId}\u0000${message.topic}`;
@@ -120,7 +139,9 @@ export function createMqttProvider(context: ProviderContext): Provider {
           gatewayId: context.gatewayId,
           captures,
         });
-        mapped = { remote, rule };
+        const echoes =
+          echoFilter !== undefined && settings.inbound.some((r) => matchTopic(r.remote, remote) !== null);
+        mapped = { remote, rule, echoes };
         break;
       }
     } catch (err) {
@@ -171,11 +192,13 @@ export function createMqttProvider(context: ProviderContext): Provider {
   }
 
   /** Opens one client and resolves at CONNACK; every failure ends the client before rejecting. */
-  function openClient(id: string, purpose: Purpose, signal: AbortSignal): Promise<Opened> {
+  function openClient(id: string, purpose: Purpose, signal: AbortSignal, bridge = false): Promise<Opened> {
     if (signal.aborted) return Promise.reject(aborted());
     const log = logger.child({ clientId: id, purpose });
     const options: IClientOptions = {
       protocolVersion: settings.protocolVersion,
+      // Connected below, once the bridge flag is in place.
+      manualConnect: true,
       clientId: id,
       username: settings.username,
       password: settings.password,
@@ -194,13 +217,15 @@ export function createMqttProvider(context: ProviderContext): Provider {
       // young-generation GC pauses. DEBUG=mqttjs* still turns its trace on.
       ...(process.env.DEBUG ? {} : { log: noTrace }),
     };
-    log.info({ endpoint, protocolVersion: settings.protocolVersion }, 'connect_started');
+    log.info({ endpoint, protocolVersion: settings.protocolVersion, bridge }, 'connect_started');
     const started = performance.now();
 
     return new Promise<Opened>((resolve, reject) => {
       let settled = false;
       let lastError: Error | undefined;
       const client = connect(settings.url, options);
+      if (bridge) setBridgeFlag(client);
+      client.connect();
       // Without an 'error' listener mqtt.js would throw; errors are read when the link closes.
       client.on('error', (err) => {
         lastError = err;
@@ -260,6 +285,35 @@ export function createMqttProvider(context: ProviderContext): Provider {
         resolve({ client, connack, latencyMs, lastError: () => lastError });
       });
     });
+  }
+
+  /**
+   * The stream connection: with the bridge flag when configured. Under `auto`, a broker that
+   * refuses the flag (CONNACK 1, or closing the connection before CONNACK) is tried again at
+   * once without it, and the flag stays off for this provider; the echo filter still guards.
+   */
+  async function openStream(signal: AbortSignal): Promise<Opened> {
+    if (!bridgeFlag) return openClient(clientId, 'stream', signal);
+    try {
+      return await openClient(clientId, 'stream', signal, true);
+    } catch (err) {
+      const refusal =
+        err instanceof GatewayError &&
+        (err.details?.connackCode === CONNACK_BAD_PROTOCOL || err.details?.beforeConnack === true);
+      if (settings.bridgeMode !== 'auto' || !refusal || signal.aborted) throw err;
+      const opened = await openClient(clientId, 'stream', signal);
+      bridgeFlag = false;
+      logger.info({ endpoint, err: errorMessage(err) }, 'bridge_mode_refused');
+      return opened;
+    }
+  }
+
+  let echoesDropped = 0;
+  /** The first echo is logged at info (it explains the drops), the rest at debug. */
+  function noteEcho(topic: string): void {
+    echoesDropped++;
+    if (echoesDropped === 1) logger.info({ topic }, 'inbound_echo_dropped');
+    else logger.debug({ topic, total: echoesDropped }, 'inbound_echo_dropped');
   }
 
   function subscribeInbound(client: MqttClient, retainHandling: 0 | 1 | 2): Promise<void> {
@@ -398,7 +452,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
         dropLink(previous, notConnected('the previous connection was replaced'));
         previous.client.end(true);
       }
-      const opened = await openClient(clientId, 'stream', signal);
+      const opened = await openStream(signal);
       const { client, connack } = opened;
       if (closed) {
         client.end(true);
@@ -421,6 +475,10 @@ export function createMqttProvider(context: ProviderContext): Provider {
       current.sweep.unref();
       link = current;
       client.on('message', (topic, payload, packet) => {
+        if (echoFilter?.isEcho(topic, payload)) {
+          noteEcho(topic);
+          return;
+        }
         deliverInbound(topic, payload, packet);
       });
       const onLost = () => {
@@ -513,6 +571,8 @@ export function createMqttProvider(context: ProviderContext): Provider {
       }
 
       const target = remote;
+      // Before the publish, so an echo that overtakes our PUBACK is still recognised.
+      if (mapped?.echoes) echoFilter?.sent(target, message.payload);
       return new Promise<void>((resolve, reject) => {
         let done = false;
         const settle = (err: GatewayError | undefined) => {
@@ -661,10 +721,26 @@ function notConnected(message: string): GatewayError {
 }
 
 /** CONNACK refusals, TLS verification and network errors, each with a code callers can branch on. */
+/**
+ * Sets the bridge flag (0x80) in the protocol level of this client's CONNECT: mqtt-packet writes
+ * it from the packet's `bridgeMode`, which mqtt.js has no option for. The provider's tests
+ * check on the wire that it arrives (a broker sees `bridgeMode`, Mosquitto stops echoing).
+ */
+function setBridgeFlag(client: MqttClient): void {
+  const internals = client as unknown as { _writePacket?: (packet: Packet, cb?: unknown) => void };
+  const write = internals._writePacket;
+  if (typeof write !== 'function') return;
+  internals._writePacket = function (this: MqttClient, packet: Packet, cb?: unknown) {
+    if (packet.cmd === 'connect') (packet as Packet & { bridgeMode?: boolean }).bridgeMode = true;
+    write.call(this, packet, cb);
+  };
+}
+
 function classifyConnectError(err: Error | undefined, endpoint: string): GatewayError {
   if (err === undefined) {
     return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `${endpoint} closed the connection before CONNACK`, {
       retryable: true,
+      details: { beforeConnack: true },
     });
   }
   const code = (err as { code?: unknown }).code;
@@ -699,7 +775,8 @@ function classifyConnectError(err: Error | undefined, endpoint: string): Gateway
   return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `cannot connect to ${endpoint}: ${err.message}`, {
     retryable: true,
     cause: err,
-    details: text ? { network: text } : undefined,
+    // A reset after the TCP handshake is how some brokers refuse a CONNECT they do not like.
+    details: text ? { network: text, ...(text === 'ECONNRESET' ? { beforeConnack: true } : {}) } : undefined,
   });
 }
 

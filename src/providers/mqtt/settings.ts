@@ -51,6 +51,14 @@ export const mqttSettingsSchema = z
     cleanSession: z.boolean().default(true),
     noLocal: z.boolean().default(true),
     /**
+     * MQTT 3.1.1: connect as a bridge (protocol level 0x84, Mosquitto's try_private), which a
+     * broker that knows the flag answers by not sending our own publications back. `auto` sets
+     * it when both inbound and outbound rules exist and drops it when the broker refuses it;
+     * `true` always sets it; `false` never. Either way an echo filter drops copies of our own
+     * publications that still come back.
+     */
+    bridgeMode: z.union([z.literal('auto'), z.boolean()]).default('auto'),
+    /**
      * Largest payload the remote broker takes (its configured limit); larger rows are
      * dead-lettered without being sent. Default 256 MiB, the MQTT maximum. An MQTT 5 server's
      * Maximum Packet Size lowers it further on its own.
