@@ -720,7 +720,6 @@ function notConnected(message: string): GatewayError {
   return new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, message, { retryable: true });
 }
 
-/** CONNACK refusals, TLS verification and network errors, each with a code callers can branch on. */
 /**
  * Sets the bridge flag (0x80) in the protocol level of this client's CONNECT: mqtt-packet writes
  * it from the packet's `bridgeMode`, which mqtt.js has no option for. The provider's tests
@@ -736,6 +735,7 @@ function setBridgeFlag(client: MqttClient): void {
   };
 }
 
+/** CONNACK refusals, TLS verification and network errors, each with a code callers can branch on. */
 function classifyConnectError(err: Error | undefined, endpoint: string): GatewayError {
   if (err === undefined) {
     return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `${endpoint} closed the connection before CONNACK`, {
