@@ -50,6 +50,11 @@ export interface BrokerOptions {
   verifier?: PasswordVerifier;
   /** ms clock of the connect-rate buckets, login backoff and login cache; monotonic by default. */
   now?: () => number;
+  /**
+   * How long a write to a device that stopped reading may wait for its socket to drain before
+   * aedes closes that connection (default 30 s); other devices are served meanwhile.
+   */
+  drainTimeoutMs?: number;
 }
 
 export interface BrokerStats {
@@ -195,7 +200,7 @@ export function createBroker(options: BrokerOptions): Broker {
     connectTimeout: config.connectTimeout,
     keepaliveLimit: Math.floor(config.keepaliveLimit / 1000),
     maxTopicLevels: 100,
-    drainTimeout: DRAIN_TIMEOUT_MS,
+    drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
 
     preConnect(client, packet, callback) {

@@ -60,6 +60,7 @@ async function startBroker(
     config?: Config['broker'];
     ingest?: (m: IncomingMessage) => Promise<void> | null;
     retainedStatus?: boolean;
+    drainTimeoutMs?: number;
   } = {},
 ): Promise<Harness> {
   const ingested: IncomingMessage[] = [];
@@ -67,6 +68,7 @@ async function startBroker(
     config: options.config ?? brokerConfig(),
     gatewayId: GATEWAY_ID,
     retainedStatus: options.retainedStatus ?? true,
+    ...(options.drainTimeoutMs === undefined ? {} : { drainTimeoutMs: options.drainTimeoutMs }),
     logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
     activity,
     ingest: (m) => {
@@ -226,6 +228,55 @@ describe('broker', () => {
 
     await broker.close();
     await waitUntil(() => received.some((m) => m.payload === 'offline'));
+  });
+
+  /** sensor-1 subscribed to its commands and stopped reading its socket; sensor-2 reads. */
+  async function frozenAndHealthy(drainTimeoutMs: number) {
+    const harness = await startBroker({ drainTimeoutMs });
+    const url = `mqtt://127.0.0.1:${harness.port}`;
+    const frozen = await device(url, 'sensor-1');
+    await frozen.subscribeAsync('devices/sensor-1/commands/#', { qos: 1 });
+    const healthy = await device(url, 'sensor-2');
+    const got: string[] = [];
+    healthy.on('message', (_topic, payload) => got.push(payload.toString()));
+    await healthy.subscribeAsync('devices/sensor-2/commands/#', { qos: 1 });
+    (frozen.stream as unknown as { pause(): void }).pause();
+    // Far more than the socket buffers on both sides hold: the broker's writes to it back up.
+    const blob = Buffer.alloc(256 * 1024, 7);
+    const progress = { settled: 0 };
+    const flood = Array.from({ length: 64 }, () =>
+      harness.broker
+        .publish({ topic: 'devices/sensor-1/commands/blob', payload: blob, qos: 1, retain: false })
+        .catch(() => {})
+        .finally(() => void progress.settled++),
+    );
+    return { ...harness, got, flood, progress };
+  }
+
+  it('R16: keeps delivering to other devices while one subscriber has stopped reading', async () => {
+    // A drain timeout far beyond this test: sensor-1 stays connected and stuck throughout.
+    const { broker, got, flood, progress } = await frozenAndHealthy(600_000);
+    for (let i = 0; i < 20; i++) {
+      await broker.publish({
+        topic: 'devices/sensor-2/commands/ping',
+        payload: Buffer.from(String(i)),
+        qos: 1,
+        retain: false,
+      });
+    }
+    await waitUntil(() => got.length === 20);
+    expect(got).toEqual(Array.from({ length: 20 }, (_, i) => String(i)));
+    // …while sensor-1 really is stuck: connected, with deliveries to it still waiting.
+    expect(broker.connectedDevices().map((d) => d.id)).toContain('sensor-1');
+    expect(progress.settled).toBeLessThan(flood.length);
+  });
+
+  it('R16: closes the connection of a subscriber whose socket did not drain within drainTimeout', async () => {
+    const { broker, flood } = await frozenAndHealthy(300);
+    await waitUntil(() => !broker.connectedDevices().some((d) => d.id === 'sensor-1'), 10_000);
+    expect(broker.connectedDevices().map((d) => d.id)).toEqual(['sensor-2']);
+    // The publishes to the dropped device end instead of hanging.
+    await Promise.all(flood);
   });
 
   it('refuses publishes on wildcard and $ topics from the cloud side', async () => {
