@@ -12,6 +12,7 @@ import { createOutbox } from '../store/outbox.js';
 import type { Outbox } from '../store/outbox-types.js';
 import type { Replicator } from '../store/replicator.js';
 import { createRetention } from '../store/retention.js';
+import { createWalWatch, type WalWatch } from '../store/wal-watch.js';
 import { createBroker, type Broker } from './broker.js';
 import { watchConfigFile } from './config-watcher.js';
 import { createConnectionSupervisor, type ConnectionSupervisor } from './connection-supervisor.js';
@@ -65,6 +66,8 @@ interface IntegrationRuntime {
 }
 
 const QUEUE_EXPIRY_INTERVAL_MS = 60_000;
+/** How often the WAL gets a PASSIVE checkpoint and a size check (R19). */
+const WAL_CHECK_INTERVAL_MS = 30_000;
 const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 /** Below this much free space in dataDir the store counts as not writable (/readyz fails). */
 const MIN_FREE_BYTES = 16 * 1024 * 1024;
@@ -90,6 +93,8 @@ export function createGateway(options: GatewayOptions): Gateway {
   let replicator: Replicator | undefined;
   let retentionJob: ScheduledJob | undefined;
   let expiryTimer: NodeJS.Timeout | undefined;
+  let walTimer: NodeJS.Timeout | undefined;
+  let walWatch: WalWatch | undefined;
   let stopWatching: (() => void) | undefined;
   let stopAlerts: (() => void) | undefined;
   let stopWake: (() => void) | undefined;
@@ -311,6 +316,8 @@ export function createGateway(options: GatewayOptions): Gateway {
         file: store?.file ?? '',
         writable,
         writeFailures: activity?.writeFailures ?? 0,
+        walBytes: walWatch?.state.bytes ?? 0,
+        walStarved: walWatch?.state.starved ?? false,
       },
       integrations: config.integrations.map(integrationStatus),
       replication: replicator?.status() ?? disabledReplication,
@@ -410,6 +417,15 @@ export function createGateway(options: GatewayOptions): Gateway {
         }
       }, QUEUE_EXPIRY_INTERVAL_MS);
       expiryTimer.unref();
+      const watch = createWalWatch({
+        db: store.db,
+        file: store.file,
+        logger: logger.child({ component: 'store' }),
+      });
+      walWatch = watch;
+      watch.check();
+      walTimer = setInterval(() => watch.check(), WAL_CHECK_INTERVAL_MS);
+      walTimer.unref();
       stopWatching = watchConfigFile({
         file: configFile,
         logger,
@@ -455,6 +471,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('schedules', () => {
       retentionJob?.stop();
       clearInterval(expiryTimer);
+      clearInterval(walTimer);
     });
     await step('replicator', () => replicator?.stop());
     await step('http', () => http?.close());

@@ -87,6 +87,15 @@ export function createMetrics(options: MetricsOptions): Metrics {
   gauge('iot_gateway_store_writable', 'Whether the local SQLite store accepts writes', [], (s) => [
     { labels: {}, value: s.store.writable ? 1 : 0 },
   ]);
+  gauge('iot_gateway_store_wal_bytes', 'Size of the SQLite WAL at the last periodic check', [], (s) => [
+    { labels: {}, value: s.store.walBytes },
+  ]);
+  gauge(
+    'iot_gateway_store_wal_starved',
+    'Whether a reader keeps checkpoints from shrinking an oversized WAL (1) or not (0)',
+    [],
+    (s) => [{ labels: {}, value: s.store.walStarved ? 1 : 0 }],
+  );
   snapshotCounter(
     registry,
     snap,

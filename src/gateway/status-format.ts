@@ -28,7 +28,8 @@ export function formatStatus(s: GatewayStatusSnapshot, options: FormatStatusOpti
     ],
     [
       'Store',
-      `${s.store.file}  ${s.store.writable ? 'writable' : 'NOT WRITABLE'}` +
+      `${s.store.file}  ${s.store.writable ? 'writable' : 'NOT WRITABLE'}, WAL ${humanBytes(s.store.walBytes)}` +
+        (s.store.walStarved ? ' (CHECKPOINT STARVED: another connection holds a read transaction)' : '') +
         (s.store.writeFailures > 0 ? `, ${count(s.store.writeFailures)} write failures` : ''),
     ],
     ['Config', `${s.config.file}  loaded ${ago(s.config.loadedAt, now)}`],

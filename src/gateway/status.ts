@@ -61,7 +61,15 @@ export interface GatewayStatusSnapshot {
     /** Refused at the door: broker.maxConnections, broker.connectRate, broker.maxPacketSize, broker.loginBackoff. */
     refused: { maxConnections: number; connectRate: number; packetTooLarge: number; loginBackoff: number };
   };
-  store: { file: string; writable: boolean; writeFailures: number };
+  store: {
+    file: string;
+    writable: boolean;
+    writeFailures: number;
+    /** Size of the WAL at the last periodic check. */
+    walBytes: number;
+    /** The WAL is over its alarm size and a reader keeps checkpoints from catching up (R19). */
+    walStarved: boolean;
+  };
   integrations: IntegrationStatus[];
   replication: ReplicationStatus;
   config: {

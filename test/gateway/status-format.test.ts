@@ -45,6 +45,7 @@ describe('formatStatus', () => {
     expect(table[2]!.slice(0, queueEnd).endsWith('42')).toBe(true);
     expect(text).toContain('aws-main: GW_ERR_PROVIDER_CONNECT: connect ECONNREFUSED 10.1.1.1:8883 (30s ago)');
     expect(text).toContain('sensor-2');
+    expect(text).toContain('writable, WAL 4.0 MiB');
   });
 
   it('says loudly when not ready, the store is not writable or a config edit was refused', () => {
@@ -53,7 +54,13 @@ describe('formatStatus', () => {
       ...base,
       ready: false,
       broker: { ...base.broker, listening: false },
-      store: { ...base.store, writable: false, writeFailures: 3 },
+      store: {
+        ...base.store,
+        writable: false,
+        writeFailures: 3,
+        walBytes: 300 * 1024 * 1024,
+        walStarved: true,
+      },
       config: {
         ...base.config,
         lastError: {
@@ -66,7 +73,9 @@ describe('formatStatus', () => {
     });
     expect(text.split('\n')[0]).toMatch(/NOT READY$/);
     expect(text).toContain('Broker       NOT LISTENING');
-    expect(text).toContain('NOT WRITABLE, 3 write failures');
+    expect(text).toContain(
+      'NOT WRITABLE, WAL 300 MiB (CHECKPOINT STARVED: another connection holds a read transaction), 3 write failures',
+    );
     expect(text).toContain(
       'Config reload REFUSED 2m 0s ago (the previous configuration stays in force): invalid configuration',
     );

@@ -22,7 +22,13 @@ export function buildSnapshot(overrides: Partial<GatewayStatusSnapshot> = {}): G
       authFailures: 3,
       refused: { maxConnections: 0, connectRate: 7, packetTooLarge: 1, loginBackoff: 2 },
     },
-    store: { file: '/var/lib/iot-gateway/gateway.db', writable: true, writeFailures: 0 },
+    store: {
+      file: '/var/lib/iot-gateway/gateway.db',
+      writable: true,
+      writeFailures: 0,
+      walBytes: 4_194_304,
+      walStarved: false,
+    },
     integrations: [
       buildIntegration({ name: 'x', id: '0190a1b2-0000-7000-8000-000000000001', type: 'mqtt' }),
       buildIntegration({
