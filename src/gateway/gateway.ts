@@ -13,6 +13,7 @@ import type { Outbox } from '../store/outbox-types.js';
 import type { Replicator } from '../store/replicator.js';
 import { createRetention } from '../store/retention.js';
 import { createWalWatch, type WalWatch } from '../store/wal-watch.js';
+import { createClockWatch } from './clock-watch.js';
 import { createBroker, type Broker } from './broker.js';
 import { watchConfigFile } from './config-watcher.js';
 import { createConnectionSupervisor, type ConnectionSupervisor } from './connection-supervisor.js';
@@ -66,6 +67,8 @@ interface IntegrationRuntime {
 }
 
 const QUEUE_EXPIRY_INTERVAL_MS = 60_000;
+/** How often the wall clock is compared with the monotonic one (R17). */
+const CLOCK_CHECK_INTERVAL_MS = 1_000;
 /** How often the WAL gets a PASSIVE checkpoint and a size check (R19). */
 const WAL_CHECK_INTERVAL_MS = 30_000;
 const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
@@ -94,6 +97,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   let retentionJob: ScheduledJob | undefined;
   let expiryTimer: NodeJS.Timeout | undefined;
   let walTimer: NodeJS.Timeout | undefined;
+  let clockTimer: NodeJS.Timeout | undefined;
   let walWatch: WalWatch | undefined;
   let stopWatching: (() => void) | undefined;
   let stopAlerts: (() => void) | undefined;
@@ -409,9 +413,24 @@ export function createGateway(options: GatewayOptions): Gateway {
       }
       scheduleRetention();
       const outboxRef = outbox;
+      const clock = createClockWatch({
+        logger,
+        onForwardJump: (deltaMs) => {
+          try {
+            outboxRef.shiftExpiry(deltaMs);
+          } catch (err) {
+            logger.error({ err, deltaMs }, 'queue_expiry_shift_failed');
+          }
+        },
+      });
+      clockTimer = setInterval(() => clock.check(), CLOCK_CHECK_INTERVAL_MS);
+      clockTimer.unref();
       expiryTimer = setInterval(() => {
         try {
-          outboxRef.expire();
+          clock.check();
+          // A clock still in 1970 would make the ttl of what it queues meaningless; the jump to
+          // the real time moves those rows' expiry (shiftExpiry) before anything expires.
+          if (clock.sane) outboxRef.expire();
         } catch (err) {
           logger.error({ err }, 'queue_expiry_failed');
         }
@@ -472,6 +491,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       retentionJob?.stop();
       clearInterval(expiryTimer);
       clearInterval(walTimer);
+      clearInterval(clockTimer);
     });
     await step('replicator', () => replicator?.stop());
     await step('http', () => http?.close());

@@ -63,6 +63,12 @@ export interface Outbox {
   stats(integrationId: string): QueueStats;
   /** Deletes expired rows of every queue; counts, logs and records each drop. Returns how many. */
   expire(now?: number): number;
+  /**
+   * The wall clock jumped forward by `deltaMs` (R17: an RTC-less box setting its clock from NTP
+   * after boot): every queued row's expiry moves by as much, so the jump does not expire rows
+   * that waited less than their ttl. Returns the rows moved.
+   */
+  shiftExpiry(deltaMs: number): number;
   /** Listeners learn which queues got new rows (after commit) so forwarders wake up. */
   onEnqueue(listener: (integrationIds: ReadonlySet<string>) => void): () => void;
   /** Commits whatever is staged now. */

@@ -90,6 +90,8 @@ const EXPIRE_CHUNK = 5000;
 const EXPIRE_PROBE = 64;
 /** Upper bound of chunks per queue in one expire(); the next run continues. */
 const MAX_EXPIRE_CHUNKS = 1000;
+/** Rows whose expiry moves in one transaction after a clock jump. */
+const SHIFT_CHUNK = 50_000;
 
 /**
  * The durable queues over `queue_messages`. Enqueues are staged and committed together in one
@@ -160,6 +162,12 @@ export function createOutbox(options: OutboxOptions): Outbox {
     'SELECT device_id AS deviceId, max(id) AS maxId FROM queue_messages WHERE integration_id = ? GROUP BY device_id',
   );
   const countDeadLetters = db.prepare('SELECT count(*) AS n FROM dead_letters WHERE integration_id = ?');
+  const selectIdRange = db.prepare(
+    'SELECT min(id) AS lo, max(id) AS hi FROM (SELECT id FROM queue_messages WHERE id > ? ORDER BY id LIMIT ?)',
+  );
+  const shiftRange = db.prepare(
+    'UPDATE queue_messages SET expires_at = expires_at + ? WHERE id > ? AND id <= ? AND expires_at IS NOT NULL',
+  );
 
   const counters = new Map<string, QueueCounters>();
   const countersOf = (integrationId: string): QueueCounters => {
@@ -748,6 +756,24 @@ export function createOutbox(options: OutboxOptions): Outbox {
         });
       }
       return total;
+    },
+
+    shiftExpiry(deltaMs) {
+      if (!(deltaMs > 0)) return 0;
+      // Rows staged but not committed yet got their expiry from the clock before the jump too.
+      flushNow(true);
+      let moved = 0;
+      let after = 0;
+      // Chunks of ids keep each transaction short on a big queue; bounded by the rows there are.
+      for (let i = 0; i < MAX_EXPIRE_CHUNKS; i++) {
+        const range = selectIdRange.get(after, SHIFT_CHUNK) as { lo: number | null; hi: number | null };
+        if (range.hi === null) break;
+        moved += db.transaction(() => shiftRange.run(deltaMs, after, range.hi).changes)();
+        after = range.hi;
+      }
+      recent.shiftExpiry(deltaMs);
+      logger.warn({ deltaMs, rows: moved }, 'queue_expiry_shifted');
+      return moved;
     },
 
     onEnqueue(listener) {

@@ -28,6 +28,8 @@ export interface RecentRows {
   /** After COMMIT: every row up to this id was deleted (drop-oldest). */
   removeUpTo(integrationId: string, id: number): void;
   bumpAttempts(integrationId: string, ids: readonly number[]): void;
+  /** After COMMIT: every row's expiry moved by `deltaMs` (a wall-clock jump). */
+  shiftExpiry(deltaMs: number): void;
 }
 
 interface QueueCache {
@@ -136,6 +138,11 @@ export function createRecentRows(options: {
       if (q === undefined) return;
       const bumped = new Set(ids);
       for (const row of q.rows) if (bumped.has(row.message.id)) row.message.attempts++;
+    },
+    shiftExpiry(deltaMs) {
+      for (const q of queues.values()) {
+        for (const row of q.rows) if (row.expiresAt !== null) row.expiresAt += deltaMs;
+      }
     },
   };
 }

@@ -452,6 +452,42 @@ describe('outbox: ttl', () => {
   });
 });
 
+describe('outbox: wall-clock jumps (R17)', () => {
+  beforeEach(async () => {
+    h = await setup({ fakeClock: true });
+  });
+
+  it('moves every queued expiry by a forward jump, so the jump expires nothing', async () => {
+    // Booted without a real-time clock: the queue fills while the clock says 1970.
+    h.clock.t = 86_400_000;
+    await h.outbox.enqueue(msg('ttl-1h'), [target(A, { ttlMs: 3_600_000 })]);
+    await h.outbox.enqueue(msg('forever'), [target(A, { ttlMs: 0 })]);
+    await Promise.all(
+      Array.from({ length: 60_000 }, () => h.outbox.enqueue(msg('bulk'), [target(A, { ttlMs: 3_600_000 })])),
+    );
+    // NTP answers: the clock steps 56 years forward, ten minutes of real time later.
+    const jump = Date.UTC(2026, 10, 29) - h.clock.t;
+    h.clock.t += jump + 600_000;
+    expect(h.outbox.shiftExpiry(jump)).toBe(60_001); // across two chunks; 'forever' has no expiry
+    expect(h.outbox.expire()).toBe(0);
+    expect(h.outbox.read(A, 0, 2).map((m) => m.payload.toString())).toEqual(['ttl-1h', 'forever']);
+    expect(h.logs.filter((l) => l.msg === 'queue_expiry_shifted')).toHaveLength(1);
+
+    // The ttl still counts from when they were queued: an hour later (real time) they expire.
+    h.clock.t += 3_000_000;
+    expect(h.outbox.expire()).toBe(60_001);
+    expect(h.outbox.read(A, 0, 10).map((m) => m.payload.toString())).toEqual(['forever']);
+  });
+
+  it('control: without the shift the same jump expires the queue', async () => {
+    h.clock.t = 86_400_000;
+    await h.outbox.enqueue(msg('ttl-1h'), [target(A, { ttlMs: 3_600_000 })]);
+    h.clock.t = Date.UTC(2026, 10, 29);
+    expect(h.outbox.read(A, 0, 10)).toEqual([]);
+    expect(h.outbox.expire()).toBe(1);
+  });
+});
+
 describe('outbox: restart, close, disk full, volume', () => {
   beforeEach(async () => {
     h = await setup();
