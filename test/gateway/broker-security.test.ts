@@ -426,6 +426,32 @@ describe('broker security: packets', () => {
     expect(broker.stats.rejectedPackets).toBe(1);
   });
 
+  it('S14: disconnects a device that leaves 1,000 QoS 2 messages without PUBREL; others stay served', async () => {
+    const { port, logLines } = await startBroker();
+    const other = await device(port, 'sensor-2');
+    const abuser = await raw(port);
+    abuser.send(login('sensor-1'));
+    await abuser.next('connack');
+    const payload = Buffer.alloc(64, 1);
+    for (let i = 1; i <= 1500 && !abuser.isClosed; i++) {
+      abuser.send({
+        cmd: 'publish',
+        topic: 'devices/sensor-1/telemetry',
+        payload,
+        qos: 2,
+        messageId: i,
+        retain: false,
+        dup: false,
+      });
+      if (i % 100 === 0) await new Promise((r) => setTimeout(r, 5));
+    }
+    await within(abuser.closed, 10_000);
+    expect(logLines.some((l) => l.includes('maxInflightInbound exceeded'))).toBe(true);
+    // Bounded: it never got a PUBREC past aedes' limit of 1,000 messages awaiting PUBREL.
+    expect(abuser.packets.filter((p) => p.cmd === 'pubrec').length).toBeLessThanOrEqual(1000);
+    await stillServes(other, 'sensor-2');
+  });
+
   it('survives a 201-level topic, a __proto__ client id and the aedes #612 CONNECT bytes', async () => {
     const { port } = await startBroker({
       config: brokerConfig({ allowAnonymous: true, anonymousAcl: { publish: ['#'], subscribe: ['#'] } }),
@@ -474,6 +500,88 @@ describe('broker security: packets', () => {
     // The broker is alive and serving.
     const fine = await device(port, 'sensor-1');
     await stillServes(fine, 'sensor-1');
+  });
+});
+
+describe('broker security: malformed packets (S17)', () => {
+  /** Deterministic, so a failure replays: mulberry32. */
+  function prng(seed: number): () => number {
+    let a = seed >>> 0;
+    return () => {
+      a = (a + 0x6d2b79f5) >>> 0;
+      let t = a;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+  }
+
+  function mutate(frame: Buffer, rand: () => number): Buffer {
+    const out = Buffer.from(frame);
+    const pick = (n: number) => Math.floor(rand() * n);
+    switch (pick(5)) {
+      case 0: // flip a few bits anywhere
+        for (let i = pick(4) + 1; i > 0; i--) out[pick(out.length)]! ^= 1 << pick(8);
+        return out;
+      case 1: // truncate
+        return out.subarray(0, pick(out.length));
+      case 2: // a wrong remaining length
+        out[1] = pick(256);
+        return out;
+      case 3: // reserved flags and packet types 0 and 15
+        out[0] = (pick(2) === 0 ? 0x00 : 0xf0) | pick(16);
+        return out;
+      default: // a slice repeated inside
+        return Buffer.concat([out, out.subarray(pick(out.length))]);
+    }
+  }
+
+  it('survives 300 mutated CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE and PUBREL frames', async () => {
+    // The door's own defences off, so every frame reaches the parser and the hooks.
+    const { port } = await startBroker({
+      config: brokerConfig({
+        connectRate: { perIp: 0, total: 0 },
+        loginBackoff: { failures: 0, ipFailures: 0 },
+      }),
+    });
+    const other = await device(port, 'sensor-2');
+    const rand = prng(20261129);
+    const good = mqttPacket.generate(login('sensor-1'));
+    const frames: Buffer[] = [
+      good,
+      mqttPacket.generate({
+        cmd: 'publish',
+        topic: 'devices/sensor-1/telemetry',
+        payload: Buffer.from('{"t":21.5}'),
+        qos: 1,
+        messageId: 7,
+        retain: false,
+        dup: false,
+      }),
+      mqttPacket.generate({
+        cmd: 'subscribe',
+        messageId: 8,
+        subscriptions: [{ topic: 'devices/sensor-1/commands/#', qos: 1 }],
+      }),
+      mqttPacket.generate({
+        cmd: 'unsubscribe',
+        messageId: 9,
+        unsubscriptions: ['devices/sensor-1/commands/#'],
+      }),
+      mqttPacket.generate({ cmd: 'pubrel', messageId: 10 }),
+    ];
+    for (let i = 0; i < 300; i++) {
+      const kind = i % frames.length;
+      const c = await raw(port);
+      // Mutated CONNECTs on their own; the other kinds after a good login.
+      if (kind === 0) c.write(mutate(good, rand));
+      else c.write(Buffer.concat([good, mutate(frames[kind]!, rand)]));
+      await new Promise((r) => setTimeout(r, 2));
+      c.socket.destroy();
+    }
+    await stillServes(other, 'sensor-2');
+    // A well-formed login still works after all of it.
+    expect(await connackCode(port, login('sensor-1'))).toBe(0);
   });
 });
 
