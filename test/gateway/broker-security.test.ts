@@ -426,6 +426,32 @@ describe('broker security: packets', () => {
     expect(broker.stats.rejectedPackets).toBe(1);
   });
 
+  it('S12: closes sockets that send nothing or half a CONNECT after connectTimeout; devices stay served', async () => {
+    const { port, broker } = await startBroker({
+      config: brokerConfig({ connectTimeout: '300ms', connectRate: { perIp: 0, total: 0 } }),
+    });
+    const other = await device(port, 'sensor-2');
+    const half = mqttPacket.generate(login('sensor-1')).subarray(0, 9);
+    const idle = await Promise.all(
+      Array.from({ length: 60 }, async (_, i) => {
+        const c = await raw(port);
+        if (i % 2 === 1) c.write(half);
+        return c;
+      }),
+    );
+    await within(Promise.all(idle.map((c) => c.closed)), 5_000);
+    expect(idle.every((c) => c.packets.length === 0)).toBe(true); // not even a CONNACK
+    await stillServes(other, 'sensor-2');
+    await waitUntil(() => broker.stats.connections === 1);
+  });
+
+  it('S16: refuses a keepalive over keepaliveLimit and keepalive 0 (CONNACK 6); a normal one connects', async () => {
+    const { port } = await startBroker({ config: brokerConfig({ keepaliveLimit: '10m' }) });
+    expect(await connackCode(port, login('sensor-1', { keepalive: 65_535 }))).toBe(6);
+    expect(await connackCode(port, login('sensor-1', { keepalive: 0 }))).toBe(6);
+    expect(await connackCode(port, login('sensor-1', { keepalive: 600 }))).toBe(0);
+  });
+
   it('S14: disconnects a device that leaves 1,000 QoS 2 messages without PUBREL; others stay served', async () => {
     const { port, logLines } = await startBroker();
     const other = await device(port, 'sensor-2');
