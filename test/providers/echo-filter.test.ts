@@ -26,6 +26,7 @@ describe('echo filter (MQTT 3.1.1 loop guard)', () => {
     t = 1001;
     expect(f.isEcho('t/a', b('x'))).toBe(false);
     expect(f.isEcho('t/b', b('y'))).toBe(true);
+    expect({ matched: f.matched, unmatched: f.unmatched }).toEqual({ matched: 1, unmatched: 1 });
   });
 
   it('stays within maxEntries, forgetting the oldest first', () => {

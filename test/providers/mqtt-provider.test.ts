@@ -331,6 +331,21 @@ describe('mqtt provider', () => {
     expect(h.logs.some((l) => l.includes('inbound_echo_dropped'))).toBe(false);
   });
 
+  it('stops its echo filter on a bridge-flag link that never echoes, so identical foreign messages pass', async () => {
+    h = setUp();
+    const { p, provider, received, other } = await bothWaysV4(MOSQUITTO, { echoWindow: '40ms' }, 'v4-probe');
+    for (let i = 0; i < 22 && !h.logs.some((l) => l.includes('echo_filter_off')); i++) {
+      await provider.publish(row('devices/s1/telemetry', `ours-${i}`));
+      await new Promise((r) => setTimeout(r, 50)); // longer than the window: forgotten unmatched
+    }
+    expect(h.logs.some((l) => l.includes('echo_filter_off'))).toBe(true);
+    // Someone else publishes exactly what we just sent: it is theirs, and it arrives.
+    await provider.publish(row('devices/s1/telemetry', 'same'));
+    await other.publishAsync(`${p}/bridge/s1/telemetry`, 'same', { qos: 1 });
+    await until(() => received.length === 1);
+    expect(received).toEqual(['devices/s1/telemetry same']);
+  });
+
   it('on MQTT 3.1.1 without the bridge flag drops the echo of each own publication, and only that', async () => {
     h = setUp();
     const { p, provider, received, other } = await bothWaysV4(MOSQUITTO, { bridgeMode: false }, 'v4-plain');

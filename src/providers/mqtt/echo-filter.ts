@@ -14,6 +14,10 @@ export interface EchoFilter {
   /** True (and forgotten) when an arrival is the echo of an earlier `sent`. */
   isEcho(topic: string, payload: Buffer): boolean;
   readonly size: number;
+  /** Arrivals recognised as echoes so far. */
+  readonly matched: number;
+  /** Publications forgotten without their echo (ttl or bound): the broker did not send it back. */
+  readonly unmatched: number;
 }
 
 interface Entry {
@@ -33,6 +37,8 @@ export function createEchoFilter(options: {
    */
   const entries = new Map<string, Entry>();
   let size = 0;
+  let matched = 0;
+  let unmatched = 0;
   // Topic and a digest of the payload: large payloads are not kept in memory twice.
   const keyOf = (topic: string, payload: Buffer) =>
     `${topic}\u0000${payload.length}\u0000${createHash('sha1').update(payload).digest('base64')}`;
@@ -43,6 +49,7 @@ export function createEchoFilter(options: {
     const [key, entry] = first.value;
     entry.expiries.shift();
     size--;
+    unmatched++;
     if (entry.expiries.length === 0) entries.delete(key);
   };
   const expire = (t: number) => {
@@ -73,11 +80,18 @@ export function createEchoFilter(options: {
       if (entry === undefined) return false;
       entry.expiries.shift();
       size--;
+      matched++;
       if (entry.expiries.length === 0) entries.delete(key);
       return true;
     },
     get size() {
       return size;
+    },
+    get matched() {
+      return matched;
+    },
+    get unmatched() {
+      return unmatched;
     },
   };
 }

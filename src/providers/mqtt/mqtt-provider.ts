@@ -101,9 +101,14 @@ const OUTBOUND_MEMO_TOPICS = 10_000;
 
 const noTrace = (): void => {};
 
-/** How long a publication waits for its echo, and how many are remembered at most. */
-const ECHO_TTL_MS = 30_000;
+/** Publications remembered at most while they wait for their echo. */
 const ECHO_MAX_ENTRIES = 10_000;
+/**
+ * On a link opened with the bridge flag: this many publications forgotten without an echo, and
+ * none ever echoed, means the broker honours the flag; the filter then stops, so it can never
+ * mistake someone else's identical message for our echo.
+ */
+const ECHO_PROBE = 20;
 /** CONNACK return code 1: unacceptable protocol version. */
 const CONNACK_BAD_PROTOCOL = 1;
 
@@ -117,8 +122,12 @@ export function createMqttProvider(context: ProviderContext): Provider {
   const bothWays = settings.inbound.length > 0 && settings.outbound.length > 0;
   const echoFilter =
     settings.protocolVersion === 4 && bothWays
-      ? createEchoFilter({ ttlMs: ECHO_TTL_MS, maxEntries: ECHO_MAX_ENTRIES })
+      ? createEchoFilter({ ttlMs: settings.echoWindow, maxEntries: ECHO_MAX_ENTRIES })
       : undefined;
+  /** Off once a bridge-flag link showed that the broker does not echo (see ECHO_PROBE). */
+  let echoActive = echoFilter !== undefined;
+  /** The current stream link was opened with the bridge flag. */
+  let bridgedLink = false;
   /** Whether the stream connection sets the bridge flag; `auto` clears it when refused. */
   let bridgeFlag =
     settings.protocolVersion === 4 &&
@@ -293,9 +302,12 @@ export function createMqttProvider(context: ProviderContext): Provider {
    * once without it, and the flag stays off for this provider; the echo filter still guards.
    */
   async function openStream(signal: AbortSignal): Promise<Opened> {
+    bridgedLink = false;
     if (!bridgeFlag) return openClient(clientId, 'stream', signal);
     try {
-      return await openClient(clientId, 'stream', signal, true);
+      const opened = await openClient(clientId, 'stream', signal, true);
+      bridgedLink = true;
+      return opened;
     } catch (err) {
       const refusal =
         err instanceof GatewayError &&
@@ -475,7 +487,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
       current.sweep.unref();
       link = current;
       client.on('message', (topic, payload, packet) => {
-        if (echoFilter?.isEcho(topic, payload)) {
+        if (echoActive && echoFilter?.isEcho(topic, payload)) {
           noteEcho(topic);
           return;
         }
@@ -572,7 +584,13 @@ export function createMqttProvider(context: ProviderContext): Provider {
 
       const target = remote;
       // Before the publish, so an echo that overtakes our PUBACK is still recognised.
-      if (mapped?.echoes) echoFilter?.sent(target, message.payload);
+      if (mapped?.echoes && echoActive && echoFilter !== undefined) {
+        echoFilter.sent(target, message.payload);
+        if (bridgedLink && echoFilter.matched === 0 && echoFilter.unmatched >= ECHO_PROBE) {
+          echoActive = false;
+          logger.info({ endpoint, unmatched: echoFilter.unmatched }, 'echo_filter_off');
+        }
+      }
       return new Promise<void>((resolve, reject) => {
         let done = false;
         const settle = (err: GatewayError | undefined) => {

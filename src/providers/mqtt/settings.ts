@@ -59,6 +59,13 @@ export const mqttSettingsSchema = z
      */
     bridgeMode: z.union([z.literal('auto'), z.boolean()]).default('auto'),
     /**
+     * MQTT 3.1.1 with inbound and outbound rules: how long a publication waits for its echo.
+     * Someone else's identical message on the same topic within this window is taken for our
+     * echo, so keep it short; on a bridge-flag link whose broker never echoes, the filter stops
+     * after 20 publications.
+     */
+    echoWindow: durationMs('10s'),
+    /**
      * Largest payload the remote broker takes (its configured limit); larger rows are
      * dead-lettered without being sent. Default 256 MiB, the MQTT maximum. An MQTT 5 server's
      * Maximum Packet Size lowers it further on its own.
