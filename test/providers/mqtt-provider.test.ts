@@ -158,6 +158,19 @@ async function startAedes(options: { refuseAuth?: boolean; tls?: TestPki } = {})
   return { aedes, port };
 }
 
+/** Listens on a loopback port; after the test, `sockets` are destroyed and the server closed. */
+async function listenForTest(server: Server, sockets: Set<Socket>): Promise<number> {
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  h.cleanups.push(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  return (server.address() as { port: number }).port;
+}
+
 /** A private Mosquitto with an ACL and a packet-size limit, for broker-side rejections over MQTT 5. */
 async function startPrivateMosquitto(): Promise<{ port: number }> {
   const aclDir = mkdtempSync(join(tmpdir(), 'gw-acl-'));
@@ -394,15 +407,8 @@ describe('mqtt provider', () => {
       });
       socket.on('data', onData);
     });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    h.cleanups.push(
-      () =>
-        new Promise<void>((resolve) => {
-          for (const s of sockets) s.destroy();
-          server.close(() => resolve());
-        }),
-    );
-    return { url: `mqtt://127.0.0.1:${(server.address() as { port: number }).port}`, attempts };
+    const port = await listenForTest(server, sockets);
+    return { url: `mqtt://127.0.0.1:${port}`, attempts };
   }
 
   it('under bridgeMode auto falls back to plain 3.1.1 when the broker refuses the bridge flag', async () => {
@@ -560,15 +566,7 @@ describe('mqtt provider', () => {
       socket.on('error', () => {});
       socket.once('data', () => socket.write(Buffer.from([0x20, 0x02, 0x00, 0x00])));
     });
-    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
-    h.cleanups.push(
-      () =>
-        new Promise<void>((resolve) => {
-          for (const s of sockets) s.destroy();
-          silent.close(() => resolve());
-        }),
-    );
-    const port = (silent.address() as { port: number }).port;
+    const port = await listenForTest(silent, sockets);
     const provider = makeProvider({ url: `mqtt://127.0.0.1:${port}`, keepalive: '1s' });
     const losses: Error[] = [];
     provider.onDisconnect((e) => losses.push(e));

@@ -23,6 +23,15 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
+  /** Alarm at 1 MiB, so a few MB of writes are enough to cross it. */
+  const watchWithSmallAlarm = () =>
+    createWalWatch({
+      db: store.db,
+      file: store.file,
+      logger: createCaptureLogger(logs),
+      alarmBytes: 1 << 20,
+    });
+
   /** About 8 MB of commits, in small transactions like the device path makes. */
   function writeALot(): void {
     const insert = store.db.prepare('INSERT INTO scratch (x) VALUES (?)');
@@ -34,12 +43,7 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
   }
 
   it('stays quiet while checkpoints keep up', () => {
-    const watch = createWalWatch({
-      db: store.db,
-      file: store.file,
-      logger: createCaptureLogger(logs),
-      alarmBytes: 1 << 20,
-    });
+    const watch = watchWithSmallAlarm();
     writeALot();
     const state = watch.check();
     expect(state).toMatchObject({ framesBehind: 0, starved: false });
@@ -47,12 +51,7 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
   });
 
   it('reports a WAL that a reader keeps from shrinking, once, and when it caught up', () => {
-    const watch = createWalWatch({
-      db: store.db,
-      file: store.file,
-      logger: createCaptureLogger(logs),
-      alarmBytes: 1 << 20,
-    });
+    const watch = watchWithSmallAlarm();
     // Another connection in a read transaction: an operator's sqlite3 shell left in BEGIN.
     const reader = new Database(store.file, { readonly: true });
     reader.exec('BEGIN');
