@@ -162,8 +162,9 @@ export function createOutbox(options: OutboxOptions): Outbox {
     'SELECT device_id AS deviceId, max(id) AS maxId FROM queue_messages WHERE integration_id = ? GROUP BY device_id',
   );
   const countDeadLetters = db.prepare('SELECT count(*) AS n FROM dead_letters WHERE integration_id = ?');
-  const selectIdRange = db.prepare(
-    'SELECT min(id) AS lo, max(id) AS hi FROM (SELECT id FROM queue_messages WHERE id > ? ORDER BY id LIMIT ?)',
+  /** The last id of the next chunk of rows after an id. */
+  const selectChunkEnd = db.prepare(
+    'SELECT max(id) AS hi FROM (SELECT id FROM queue_messages WHERE id > ? ORDER BY id LIMIT ?)',
   );
   const shiftRange = db.prepare(
     'UPDATE queue_messages SET expires_at = expires_at + ? WHERE id > ? AND id <= ? AND expires_at IS NOT NULL',
@@ -766,10 +767,10 @@ export function createOutbox(options: OutboxOptions): Outbox {
       let after = 0;
       // Chunks of ids keep each transaction short on a big queue; bounded by the rows there are.
       for (let i = 0; i < MAX_EXPIRE_CHUNKS; i++) {
-        const range = selectIdRange.get(after, SHIFT_CHUNK) as { lo: number | null; hi: number | null };
-        if (range.hi === null) break;
-        moved += db.transaction(() => shiftRange.run(deltaMs, after, range.hi).changes)();
-        after = range.hi;
+        const { hi } = selectChunkEnd.get(after, SHIFT_CHUNK) as { hi: number | null };
+        if (hi === null) break;
+        moved += db.transaction(() => shiftRange.run(deltaMs, after, hi).changes)();
+        after = hi;
       }
       recent.shiftExpiry(deltaMs);
       logger.warn({ deltaMs, rows: moved }, 'queue_expiry_shifted');
