@@ -413,11 +413,18 @@ export function createGateway(options: GatewayOptions): Gateway {
       }
       scheduleRetention();
       const outboxRef = outbox;
+      const activityRef = activity;
       const clock = createClockWatch({
         logger,
         onForwardJump: (deltaMs) => {
           try {
-            outboxRef.shiftExpiry(deltaMs);
+            const rows = outboxRef.shiftExpiry(deltaMs);
+            activityRef.record({
+              activityType: 'clock_jumped',
+              direction: 'internal',
+              status: 'success',
+              metadata: { deltaMs, queuedRowsShifted: rows },
+            });
           } catch (err) {
             logger.error({ err, deltaMs }, 'queue_expiry_shift_failed');
           }
@@ -440,6 +447,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         db: store.db,
         file: store.file,
         logger: logger.child({ component: 'store' }),
+        activity,
       });
       walWatch = watch;
       watch.check();

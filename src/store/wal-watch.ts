@@ -1,5 +1,6 @@
 import { statSync } from 'node:fs';
 import type { Logger } from '../logger.js';
+import type { ActivityLog } from './activity-log.js';
 import type { SqliteDatabase } from './database.js';
 
 export interface WalWatchOptions {
@@ -7,6 +8,8 @@ export interface WalWatchOptions {
   /** The store file; its WAL is `${file}-wal`. */
   file: string;
   logger: Logger;
+  /** Records the start and the end of a starved checkpoint, for the fleet's central view. */
+  activity?: ActivityLog;
   /** A WAL larger than this that a checkpoint cannot shrink is reported (default 256 MiB). */
   alarmBytes?: number;
 }
@@ -64,8 +67,21 @@ export function createWalWatch(options: WalWatchOptions): WalWatch {
       const starved = bytes > alarmBytes && framesBehind > 0;
       if (starved && !state.starved) {
         logger.warn({ walBytes: bytes, framesBehind, alarmBytes }, 'wal_checkpoint_starved');
+        options.activity?.record({
+          activityType: 'wal_checkpoint_starved',
+          direction: 'internal',
+          status: 'error',
+          errorMessage: `the WAL is ${bytes} bytes and another connection keeps ${framesBehind} frames from being checkpointed`,
+          metadata: { walBytes: bytes, framesBehind, alarmBytes },
+        });
       } else if (!starved && state.starved) {
         logger.info({ walBytes: bytes }, 'wal_checkpoint_caught_up');
+        options.activity?.record({
+          activityType: 'wal_checkpoint_caught_up',
+          direction: 'internal',
+          status: 'success',
+          metadata: { walBytes: bytes },
+        });
       }
       state = { bytes, framesBehind, starved };
       return state;

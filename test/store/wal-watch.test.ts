@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createWalWatch } from '../../src/store/wal-watch.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
@@ -11,12 +12,14 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
   let dir: string;
   let store: Store;
   let logs: LogRecord[];
+  let activity: ActivityLog;
 
   beforeEach(() => {
     dir = mkdtempSync(join(tmpdir(), 'wal-watch-'));
     logs = [];
     store = openStore({ dataDir: dir, logger: createCaptureLogger(logs), onCorrupt: 'refuse', lock: false });
     store.db.exec('CREATE TABLE scratch (x BLOB)');
+    activity = createActivityLog({ db: store.db, gatewayId: 'gw-test', logger: createCaptureLogger(logs) });
   });
   afterEach(() => {
     store.close();
@@ -29,6 +32,7 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
       db: store.db,
       file: store.file,
       logger: createCaptureLogger(logs),
+      activity,
       alarmBytes: 1 << 20,
     });
 
@@ -48,6 +52,7 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
     const state = watch.check();
     expect(state).toMatchObject({ framesBehind: 0, starved: false });
     expect(logs.some((l) => l.msg === 'wal_checkpoint_starved')).toBe(false);
+    expect(activity.list({ activityType: 'wal_checkpoint_starved' })).toEqual([]);
   });
 
   it('reports a WAL that a reader keeps from shrinking, once, and when it caught up', () => {
@@ -73,5 +78,10 @@ describe('WAL watch (R19: a reader starving the checkpoint)', () => {
     expect(after).toMatchObject({ framesBehind: 0, starved: false });
     expect(watch.state).toEqual(after);
     expect(logs.filter((l) => l.msg === 'wal_checkpoint_caught_up')).toHaveLength(1);
+    // Both ends are activity rows too, so the fleet sees them centrally.
+    expect(activity.list({ activityType: 'wal_checkpoint_starved' })).toMatchObject([
+      { status: 'error', direction: 'internal', integrationId: null },
+    ]);
+    expect(activity.list({ activityType: 'wal_checkpoint_caught_up' })).toHaveLength(1);
   });
 });
