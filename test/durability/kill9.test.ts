@@ -1,13 +1,23 @@
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, describe, expect, it } from 'vitest';
 import { hashPassword } from '../../src/gateway/password-hash.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import { startMosquitto } from '../helpers/mosquitto.js';
 import { freePort } from '../helpers/ports.js';
+import {
+  allDelivered,
+  checkDelivery,
+  connectDevice,
+  deliveredCount,
+  makeDevices,
+  observeUpstream,
+  pump,
+  waitFor,
+  writeDurabilityConfig,
+} from '../helpers/sequenced-devices.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
 /**
@@ -21,13 +31,6 @@ const DEVICES = 4;
 const PER_DEVICE = 2500;
 const WINDOW = 32;
 const KILLS = 4;
-
-interface DeviceRun {
-  id: string;
-  next: number;
-  acked: Set<number>;
-  client: MqttClient | undefined;
-}
 
 describe('durability: kill -9 mid-burst with the upstream down', () => {
   const cleanup: (() => Promise<unknown> | void)[] = [];
@@ -47,96 +50,30 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     proxy.setMode('refuse'); // the upstream is down during the burst
 
     const password = 'pw-kill9';
-    const hash = await hashPassword(password);
     const port = await freePort();
-    const devices: DeviceRun[] = Array.from({ length: DEVICES }, (_, i) => ({
-      id: `dev-${i}`,
-      next: 0,
-      acked: new Set(),
-      client: undefined,
-    }));
-    const configFile = join(dir, 'gateway.yaml');
-    writeFileSync(
-      configFile,
-      [
-        'gateway: { id: kill9-gw, dataDir: ' + JSON.stringify(join(dir, 'data')) + ', log: { level: info } }',
-        'broker:',
-        `  listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }]`,
-        '  devices:',
-        ...devices.map((d) => `    - { id: ${d.id}, passwordHash: "${hash}" }`),
-        'integrations:',
-        '  - name: upstream',
-        `    id: ${randomUUID()}`,
-        '    type: mqtt',
-        '    settings:',
-        `      url: mqtt://127.0.0.1:${proxy.port}`,
-        `      outbound: [{ local: "devices/#", remote: "${prefix}/{topic}" }]`,
-        '      keepalive: 5s',
-        '    routes: [{ from: "devices/+/telemetry", qos: 1 }]',
-        '    queue: { inflight: 64 }',
-        'http: { enabled: false }',
-      ].join('\n'),
-    );
-
-    // Observe the upstream directly on the upstream Mosquitto.
-    const received = new Map<string, number[]>();
-    const observer = await mqtt.connectAsync(`mqtt://127.0.0.1:${upstream.port}`, {
-      clientId: `obs-${prefix}`,
-      reconnectPeriod: 1000,
+    const devices = makeDevices(DEVICES);
+    const configFile = writeDurabilityConfig({
+      dir,
+      gatewayId: 'kill9-gw',
+      port,
+      devices,
+      passwordHash: await hashPassword(password),
+      upstreamPort: proxy.port,
+      prefix,
+      inflight: 64,
     });
-    cleanup.push(() => observer.endAsync(true));
-    observer.on('message', (_topic, payload) => {
-      const { d, seq } = JSON.parse(payload.toString()) as { d: string; seq: number };
-      let list = received.get(d);
-      if (!list) received.set(d, (list = []));
-      list.push(seq);
-    });
-    await observer.subscribeAsync(`${prefix}/#`, { qos: 1 });
+    const { received, close } = await observeUpstream(upstream.port, prefix);
+    cleanup.push(close);
 
     let daemon: DaemonHandle = startDaemon(configFile);
     cleanup.push(() => daemon.stop('SIGKILL'));
     await daemon.ready;
 
-    const connect = (d: DeviceRun) =>
-      mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
-        clientId: d.id,
-        username: d.id,
-        password,
-        reconnectPeriod: 0,
-        connectTimeout: 5000,
-      });
-
-    // Each device publishes its sequence with a bounded window; a publish counts only when PUBACKed.
-    const pump = async (d: DeviceRun, until: number) => {
-      const client = d.client!;
-      const inflight = new Set<Promise<void>>();
-      // mqtt.js keeps unacknowledged publishes for a reconnect that never comes (reconnectPeriod 0):
-      // a closed link must end the pump instead of waiting on them.
-      const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
-      while (d.next < until && client.connected) {
-        const seq = d.next++;
-        const p = client
-          .publishAsync(`devices/${d.id}/telemetry`, JSON.stringify({ d: d.id, seq }), { qos: 1 })
-          .then(() => {
-            d.acked.add(seq);
-          })
-          .catch(() => {})
-          .finally(() => inflight.delete(p));
-        inflight.add(p);
-        if (inflight.size >= WINDOW) await Promise.race([...inflight, closed]);
-      }
-      await Promise.race([
-        Promise.allSettled([...inflight]),
-        closed,
-        new Promise((r) => setTimeout(r, 3000)),
-      ]);
-    };
-
     const perPhase = Math.ceil(PER_DEVICE / (KILLS + 1));
     for (let phase = 0; phase <= KILLS; phase++) {
-      for (const d of devices) d.client = await connect(d);
+      for (const d of devices) d.client = await connectDevice(port, d, password);
       const target = Math.min(PER_DEVICE, (phase + 1) * perPhase);
-      const pumping = Promise.all(devices.map((d) => pump(d, target)));
+      const pumping = Promise.all(devices.map((d) => pump(d, target, WINDOW)));
       if (phase < KILLS) {
         // Kill mid-burst: once a fraction of this phase is acknowledged, without warning.
         const phaseStart = phase * perPhase;
@@ -165,36 +102,17 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     await daemon.stop('SIGKILL');
     daemon = startDaemon(configFile);
     await daemon.ready;
-    const deliveredCount = () => [...received.values()].reduce((n, l) => n + l.length, 0);
-    await waitFor(() => deliveredCount() >= ackedTotal * 0.3, 60_000);
-    console.log(`kill9: draining, ${deliveredCount()} delivered, SIGKILL`);
+    await waitFor(() => deliveredCount(received) >= ackedTotal * 0.3, 60_000);
+    console.log(`kill9: draining, ${deliveredCount(received)} delivered, SIGKILL`);
     daemon.proc.kill('SIGKILL');
     await daemon.exited;
     daemon = startDaemon(configFile);
     await daemon.ready;
-    const allDelivered = () =>
-      devices.every((d) => [...d.acked].every((s) => (received.get(d.id) ?? []).includes(s)));
-    await waitFor(allDelivered, 120_000).catch(() => {});
+    await waitFor(allDelivered(devices, received), 120_000).catch(() => {});
 
-    let duplicates = 0;
-    for (const d of devices) {
-      const got = received.get(d.id) ?? [];
-      const missing = [...d.acked].filter((s) => !got.includes(s));
-      expect(missing, `${d.id} acknowledged but never delivered`).toEqual([]);
-      // Per-device order after dedup: first occurrences strictly increase.
-      const firsts: number[] = [];
-      const seen = new Set<number>();
-      for (const s of got) {
-        if (seen.has(s)) duplicates++;
-        else {
-          seen.add(s);
-          firsts.push(s);
-        }
-      }
-      expect(firsts).toEqual([...firsts].sort((a, b) => a - b));
-    }
+    const duplicates = checkDelivery(devices, received);
     console.log(
-      `kill9: ${KILLS + 2} kills, ${ackedTotal} acknowledged, ${[...received.values()].reduce((n, l) => n + l.length, 0)} delivered, ${duplicates} duplicates (bound: window 64 + ack batch 500)`,
+      `kill9: ${KILLS + 2} kills, ${ackedTotal} acknowledged, ${deliveredCount(received)} delivered, ${duplicates} duplicates (bound: window 64 + ack batch 500)`,
     );
     // Only the kill during the drain can duplicate: at most the rows in flight then (window 64)
     // plus the acknowledged rows whose grouped delete had not committed yet (≤ 500 rows / 50 ms).
@@ -202,11 +120,3 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     await daemon.stop('SIGTERM');
   });
 });
-
-async function waitFor(predicate: () => boolean, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error('timed out');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
