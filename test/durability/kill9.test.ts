@@ -1,24 +1,14 @@
-import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
-import { startMosquitto } from '../helpers/mosquitto.js';
-import { freePort } from '../helpers/ports.js';
 import {
   allDelivered,
   checkDelivery,
   connectDevice,
   deliveredCount,
-  makeDevices,
-  observeUpstream,
   pump,
+  startDurabilityWorld,
   waitFor,
-  writeDurabilityConfig,
 } from '../helpers/sequenced-devices.js';
-import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
 /**
  * R1: devices publish sequenced QoS 1 messages while the upstream is down; the daemon is killed
@@ -39,31 +29,11 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
   });
 
   it('loses no acknowledged message and keeps per-device order', { timeout: 240_000 }, async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gw-kill9-'));
-    const prefix = `kill9-${randomUUID().slice(0, 8)}`;
-    // A Mosquitto of the test's own with unbounded queues: the observer must not lose messages
-    // to Mosquitto's default 1,000-message client queue while the backlog drains into it.
-    const upstream = await startMosquitto();
-    cleanup.push(() => upstream.stop());
-    const proxy: TcpProxy = await startTcpProxy(upstream.port);
-    cleanup.push(() => proxy.close());
-    proxy.setMode('refuse'); // the upstream is down during the burst
-
-    const password = 'pw-kill9';
-    const port = await freePort();
-    const devices = makeDevices(DEVICES);
-    const configFile = writeDurabilityConfig({
-      dir,
-      gatewayId: 'kill9-gw',
-      port,
-      devices,
-      passwordHash: await hashPassword(password),
-      upstreamPort: proxy.port,
-      prefix,
-      inflight: 64,
-    });
-    const { received, close } = await observeUpstream(upstream.port, prefix);
-    cleanup.push(close);
+    const { port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
+      'kill9',
+      DEVICES,
+      cleanup,
+    );
 
     let daemon: DaemonHandle = startDaemon(configFile);
     cleanup.push(() => daemon.stop('SIGKILL'));

@@ -1,26 +1,19 @@
 import { execFileSync } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
-import { startMosquitto } from '../helpers/mosquitto.js';
-import { freePort } from '../helpers/ports.js';
 import { buildShim, killBeforeSync, powerCut, shimEnv, type PowerCutResult } from '../helpers/power-loss.js';
 import {
   allDelivered,
   checkDelivery,
   connectDevice,
   deliveredCount,
-  makeDevices,
-  observeUpstream,
   pump,
+  startDurabilityWorld,
   waitFor,
-  writeDurabilityConfig,
 } from '../helpers/sequenced-devices.js';
-import { startTcpProxy } from '../helpers/tcp-proxy.js';
 
 describe('power-loss model (R2)', () => {
   let dir: string;
@@ -107,32 +100,13 @@ describe('durability: power cut mid-burst (R2)', () => {
     const MAX_CUTS = 8;
     const PER_PHASE = 240;
     const WINDOW = 32;
-    const dir = mkdtempSync(join(tmpdir(), 'gw-powercut-'));
-    cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
+    const { dir, port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
+      'powercut',
+      4,
+      cleanup,
+    );
     const shim = buildShim(dir);
-    const prefix = `powercut-${randomUUID().slice(0, 8)}`;
-    const upstream = await startMosquitto();
-    cleanup.push(() => upstream.stop());
-    const proxy = await startTcpProxy(upstream.port);
-    cleanup.push(() => proxy.close());
-    proxy.setMode('refuse'); // everything stays queued on the gateway's disk
-
-    const password = 'pw-powercut';
-    const port = await freePort();
-    const devices = makeDevices(4);
-    const configFile = writeDurabilityConfig({
-      dir,
-      gatewayId: 'powercut-gw',
-      port,
-      devices,
-      passwordHash: await hashPassword(password),
-      upstreamPort: proxy.port,
-      prefix,
-      inflight: 64,
-    });
     const dataDir = join(dir, 'data');
-    const { received, close } = await observeUpstream(upstream.port, prefix);
-    cleanup.push(close);
 
     const cuts: PowerCutResult[] = [];
     let journal = '';

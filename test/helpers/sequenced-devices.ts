@@ -1,8 +1,13 @@
 import { randomUUID } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { expect } from 'vitest';
+import { hashPassword } from '../../src/gateway/password-hash.js';
+import { startMosquitto } from './mosquitto.js';
+import { freePort } from './ports.js';
+import { startTcpProxy, type TcpProxy } from './tcp-proxy.js';
 
 /**
  * The durability tests' world: devices that publish sequenced QoS 1 messages through the daemon
@@ -16,7 +21,7 @@ export interface DeviceRun {
   client: MqttClient | undefined;
 }
 
-export function makeDevices(count: number): DeviceRun[] {
+function makeDevices(count: number): DeviceRun[] {
   return Array.from({ length: count }, (_, i) => ({
     id: `dev-${i}`,
     next: 0,
@@ -26,7 +31,7 @@ export function makeDevices(count: number): DeviceRun[] {
 }
 
 /** A daemon config: the devices, one mqtt integration to `upstreamPort` under `prefix`. */
-export function writeDurabilityConfig(options: {
+function writeDurabilityConfig(options: {
   dir: string;
   gatewayId: string;
   port: number;
@@ -62,7 +67,7 @@ export function writeDurabilityConfig(options: {
 }
 
 /** Subscribes on the upstream itself and records, per device, the sequence numbers that arrived. */
-export async function observeUpstream(
+async function observeUpstream(
   upstreamPort: number,
   prefix: string,
 ): Promise<{ received: Map<string, number[]>; close: () => Promise<void> }> {
@@ -142,6 +147,56 @@ export function checkDelivery(devices: readonly DeviceRun[], received: Map<strin
     expect(firsts).toEqual([...firsts].sort((a, b) => a - b));
   }
   return duplicates;
+}
+
+export interface DurabilityWorld {
+  dir: string;
+  port: number;
+  password: string;
+  devices: DeviceRun[];
+  configFile: string;
+  /** The upstream as the daemon reaches it: `refuse` (down) until the test says `pass`. */
+  proxy: TcpProxy;
+  /** What arrived on the upstream, per device. */
+  received: Map<string, number[]>;
+}
+
+/**
+ * A temp dir, a Mosquitto of the test's own behind a TCP proxy that starts refusing (the
+ * upstream is down during the burst), the devices, the daemon's config and an observer on the
+ * upstream. Everything started is pushed onto `cleanup`.
+ */
+export async function startDurabilityWorld(
+  name: string,
+  deviceCount: number,
+  cleanup: (() => Promise<unknown> | void)[],
+): Promise<DurabilityWorld> {
+  const dir = mkdtempSync(join(tmpdir(), `gw-${name}-`));
+  cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
+  const prefix = `${name}-${randomUUID().slice(0, 8)}`;
+  // Unbounded queues: the observer must not lose messages to Mosquitto's default 1,000-message
+  // client queue while the backlog drains into it.
+  const upstream = await startMosquitto();
+  cleanup.push(() => upstream.stop());
+  const proxy = await startTcpProxy(upstream.port);
+  cleanup.push(() => proxy.close());
+  proxy.setMode('refuse');
+  const password = `pw-${name}`;
+  const port = await freePort();
+  const devices = makeDevices(deviceCount);
+  const configFile = writeDurabilityConfig({
+    dir,
+    gatewayId: `${name}-gw`,
+    port,
+    devices,
+    passwordHash: await hashPassword(password),
+    upstreamPort: proxy.port,
+    prefix,
+    inflight: 64,
+  });
+  const { received, close } = await observeUpstream(upstream.port, prefix);
+  cleanup.push(close);
+  return { dir, port, password, devices, configFile, proxy, received };
 }
 
 export async function waitFor(predicate: () => boolean, timeoutMs: number): Promise<void> {
