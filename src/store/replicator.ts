@@ -210,6 +210,8 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
   let lastError: ReplicationStatus['lastError'] = null;
   let pendingCache: { at: number; n: number; oldest: number | null } | undefined;
   let verified = false;
+  /** Set once a run has checked the session again after a 42501 (see ship). */
+  let sessionRechecked = false;
   const ensuredMonths = new Set<string>();
   let lastLagLogAt = -Infinity;
   let report = { rows: 0, rejected: 0, batches: 0, since: now() };
@@ -371,6 +373,12 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
           ? { kind: 'local' as const, error: err }
           : classifyCentralError(err, 'while inserting');
       if (failure.kind !== 'rejected') throw failure.error;
+      // 42501 is also what every row gets when the login lost its grant after verifySession (a
+      // REVOKE on a pooled session): ask again, once per run, before setting any row aside.
+      if (failure.sqlstate === '42501' && !sessionRechecked) {
+        sessionRechecked = true;
+        await verifySession(client);
+      }
       if (items.length === 1) {
         const item = items[0]!;
         const reason = `${failure.sqlstate ?? ''}: ${failure.error.message}`.slice(0, 1000);
@@ -404,6 +412,7 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
   async function doRun(): Promise<ReplicationRunResult> {
     if (closed) throw new GatewayError(ErrorCodes.ABORTED, 'the replicator is stopped');
     state = 'replicating';
+    sessionRechecked = false;
     const result = { replicated: 0, rejected: 0, pending: 0 };
     const rejected: Rejection[] = [];
     // How far PostgreSQL has committed (every row up to here is there or set aside), and how

@@ -324,6 +324,41 @@ describe('replicator', () => {
     expect(await centralIds(db, 'integration_activity_log')).toEqual([]);
   });
 
+  it('a login that loses its INSERT grant after connecting sets nothing aside, and every row arrives once it is back', async () => {
+    const local = openLocal();
+    const replicator = replicatorFor(local, ingestUrl, { batchSize: 50 });
+    seed(local, 10);
+    expect(await replicator.runOnce()).toMatchObject({ replicated: 10, rejected: 0 });
+
+    // A DBA's mistake while the gateway's session is already verified and pooled.
+    const tables = 'integration_activity_log, integration_sync_log';
+    await db.admin.query('REVOKE INSERT ON ' + tables + ' FROM iot_gateway_ingest');
+    cleanups.push(async () => {
+      await db.admin.query('GRANT INSERT ON ' + tables + ' TO iot_gateway_ingest');
+    });
+    seed(local, 120, 5);
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const err = await replicator.runOnce().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(GatewayError);
+      expect((err as GatewayError).code).toBe(ErrorCodes.CENTRAL_AUTH);
+      expect((err as GatewayError).message).toMatch(/may not insert into the log tables/);
+    }
+    const aside = (table: 'activity_log' | 'sync_log') =>
+      (
+        local.store.db
+          .prepare('SELECT count(*) AS n FROM ' + table + ' WHERE replication_error IS NOT NULL')
+          .get() as { n: number }
+      ).n;
+    expect(aside('activity_log') + aside('sync_log')).toBe(0);
+    expect(replicator.status()).toMatchObject({ rejectedRows: 0 });
+
+    await db.admin.query('GRANT INSERT ON ' + tables + ' TO iot_gateway_ingest');
+    expect(await replicator.runOnce()).toMatchObject({ rejected: 0 });
+    await replicator.runOnce(); // the row recording the recovery
+    expect(await centralIds(db, 'integration_activity_log')).toEqual(localIds(local, 'activity_log'));
+    expect(await centralIds(db, 'integration_sync_log')).toEqual(localIds(local, 'sync_log'));
+  });
+
   it('start() backs off while PostgreSQL is away and drains once it is reachable', async () => {
     const local = openLocal();
     seed(local, 250);
