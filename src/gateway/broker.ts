@@ -95,6 +95,9 @@ export interface Broker {
   close(): Promise<void>;
 }
 
+/** How long a graceful stop waits for publishes being committed and their PUBACKs. */
+const DRAIN_COMMITS_MS = 5_000;
+
 /** Topics per ACL whose publish permission is remembered; the memo starts over when full. */
 const PUBLISH_MEMO_TOPICS = 1000;
 
@@ -141,6 +144,14 @@ export function createBroker(options: BrokerOptions): Broker {
   const throttle = createActivityThrottle(activity, logger, options.activityWindowMs ?? 1000);
   let listening = false;
   let closing: Promise<void> | undefined;
+  /**
+   * Set while close() drains: a publish that reaches authorizePublish now is never answered, so
+   * it is neither committed nor acknowledged, and its device sends it again after the restart.
+   */
+  let draining = false;
+  /** QoS > 0 publishes being committed; close() waits for their PUBACKs before closing links. */
+  let committing = 0;
+  let onCommitted: (() => void) | undefined;
 
   /** The anonymous ACL of the current config (one object per config, so its memo below holds). */
   let anonymous: { config: typeof config; acl: EffectiveAcl } | undefined;
@@ -299,6 +310,7 @@ export function createBroker(options: BrokerOptions): Broker {
           );
           return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
         }
+        if (draining && packet.qos > 0) return;
         const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
         const pending = options.ingest({
           deviceId: session.identity.id,
@@ -311,16 +323,22 @@ export function createBroker(options: BrokerOptions): Broker {
           stats.messagesIn++;
           return done(null);
         }
-        pending.then(
-          () => {
-            stats.messagesIn++;
-            done(null);
-          },
-          (err: unknown) => {
-            logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
-            done(err instanceof Error ? err : new Error(errorMessage(err)));
-          },
-        );
+        committing++;
+        pending
+          .then(
+            () => {
+              stats.messagesIn++;
+              // aedes writes the PUBACK inside this call (PUBREC after its own publish step).
+              done(null);
+            },
+            (err: unknown) => {
+              logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
+              done(err instanceof Error ? err : new Error(errorMessage(err)));
+            },
+          )
+          .finally(() => {
+            if (--committing === 0) onCommitted?.();
+          });
       } catch (err) {
         logger.error({ err, clientId: client?.id ?? null }, 'authorize_publish_failed');
         done(err instanceof Error ? err : new Error(errorMessage(err)));
@@ -472,6 +490,33 @@ export function createBroker(options: BrokerOptions): Broker {
 
   const closeAedes = (): Promise<void> => new Promise((resolve) => aedes.close(() => resolve()));
 
+  /**
+   * Graceful stop (R3): no new QoS > 0 publish is taken; those already being committed get their
+   * PUBACK and the links flush it before aedes closes them. A message committed whose PUBACK
+   * never left would come again from its device after the restart: a duplicate upstream.
+   */
+  async function drainPublishes(): Promise<void> {
+    draining = true;
+    const deadline = performance.now() + DRAIN_COMMITS_MS;
+    if (committing > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, DRAIN_COMMITS_MS);
+        onCommitted = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      onCommitted = undefined;
+      if (committing > 0) logger.warn({ committing }, 'broker_drain_timed_out');
+    }
+    // PUBACKs handed to a socket that could not take them at once wait in its buffer; PUBRECs
+    // go out a few turns of the loop after the commit.
+    for (let turn = 0; performance.now() < deadline; turn++) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      if (turn >= 2 && [...connected.values()].every((s) => s.client.conn.writableLength === 0)) break;
+    }
+  }
+
   return {
     get listening() {
       return listening;
@@ -545,6 +590,7 @@ export function createBroker(options: BrokerOptions): Broker {
     close() {
       closing ??= (async () => {
         listeners.stopAccepting();
+        await drainPublishes();
         if (listening) await publishStatus('offline');
         await closeAedes();
         await listeners.close();
