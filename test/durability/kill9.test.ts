@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import {
@@ -5,6 +6,7 @@ import {
   checkDelivery,
   connectDevice,
   deliveredCount,
+  expectIntactStore,
   pump,
   startDurabilityWorld,
   waitFor,
@@ -29,7 +31,7 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
   });
 
   it('loses no acknowledged message and keeps per-device order', { timeout: 240_000 }, async () => {
-    const { port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
+    const { dir, port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
       'kill9',
       DEVICES,
       cleanup,
@@ -53,6 +55,7 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
         );
         daemon.proc.kill('SIGKILL');
         await daemon.exited;
+        expectIntactStore(join(dir, 'data'));
         await pumping;
         for (const d of devices) d.client?.end(true);
         daemon = startDaemon(configFile);
@@ -76,6 +79,7 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     console.log(`kill9: draining, ${deliveredCount(received)} delivered, SIGKILL`);
     daemon.proc.kill('SIGKILL');
     await daemon.exited;
+    expectIntactStore(join(dir, 'data'));
     daemon = startDaemon(configFile);
     await daemon.ready;
     await waitFor(allDelivered(devices, received), 120_000).catch(() => {});

@@ -10,6 +10,7 @@ import {
   checkDelivery,
   connectDevice,
   deliveredCount,
+  expectIntactStore,
   pump,
   startDurabilityWorld,
   waitFor,
@@ -141,6 +142,7 @@ describe('durability: power cut mid-burst (R2)', () => {
       const cut = powerCut(journal);
       cuts.push(cut);
       rmSync(join(dataDir, 'gateway.db-shm'), { force: true });
+      expectIntactStore(dataDir);
       console.log(
         `powercut: phase ${phase}, acknowledged ${devices.map((d) => d.acked.size).join('/')}, ` +
           `writes undone ${JSON.stringify(cut.undoneByFile)}, ${cut.durable} durable, ${cut.syncs} syncs`,

@@ -49,7 +49,9 @@ describe('durability: one daemon per dataDir, and a locked store', () => {
 
     // Another process takes the write lock: for 1.5 s (under busy_timeout), the publishes wait.
     const other = new Database(join(dir, 'data', 'gateway.db'));
-    cleanup.push(() => other.close());
+    cleanup.push(() => {
+      other.close();
+    });
     other.exec('BEGIN EXCLUSIVE');
     const waiting = pump(d, 40, 8);
     await new Promise((r) => setTimeout(r, 1_500));

@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import mqtt, { type MqttClient } from 'mqtt';
 import { expect } from 'vitest';
 import { hashPassword } from '../../src/gateway/password-hash.js';
@@ -204,5 +205,27 @@ export async function waitFor(predicate: () => boolean, timeoutMs: number): Prom
   while (!predicate()) {
     if (Date.now() > deadline) throw new Error('timed out');
     await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * PRAGMA integrity_check (every page, every index entry) on a copy of a dead daemon's store, so
+ * the daemon still recovers the WAL itself at its next start.
+ */
+export function expectIntactStore(dataDir: string): void {
+  const copy = mkdtempSync(join(tmpdir(), 'gw-intact-'));
+  try {
+    for (const suffix of ['', '-wal']) {
+      const from = join(dataDir, `gateway.db${suffix}`);
+      if (existsSync(from)) copyFileSync(from, join(copy, `gateway.db${suffix}`));
+    }
+    const db = new Database(join(copy, 'gateway.db'));
+    try {
+      expect(db.pragma('integrity_check', { simple: true })).toBe('ok');
+    } finally {
+      db.close();
+    }
+  } finally {
+    rmSync(copy, { recursive: true, force: true });
   }
 }
