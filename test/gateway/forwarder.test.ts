@@ -1,7 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { connect as connectTcp } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createServer as createTlsServer } from 'node:tls';
 import { connectAsync } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
@@ -20,6 +22,7 @@ import { openStore, type Store } from '../../src/store/database.js';
 import { createOutbox } from '../../src/store/outbox.js';
 import type { Outbox, QueueLimits } from '../../src/store/outbox-types.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+import { createTestPki } from '../helpers/certs.js';
 import { startMosquitto, type PrivateMosquitto } from '../helpers/mosquitto.js';
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
 
@@ -338,6 +341,56 @@ describe('forwarder', () => {
     await until(() => new Set(obs.got).size === 50);
     assertPerDeviceOrder(obs.got);
     expect(forwarder.delivered).toBeGreaterThanOrEqual(50);
+  });
+
+  it('S21: keeps every row queued while the upstream shows a wrong-host or untrusted certificate', async () => {
+    h = await setUp();
+    const pki = createTestPki();
+    h.cleanups.push(() => pki.cleanup());
+    // A TLS front for the upstream Mosquitto whose certificate the test swaps: first an impostor.
+    const wrongHost = pki.issueServer('cloud.example');
+    const front = createTlsServer({ cert: wrongHost.cert, key: wrongHost.key }, (tlsSocket) => {
+      const plain = connectTcp(upstream.port, '127.0.0.1');
+      tlsSocket.pipe(plain).pipe(tlsSocket);
+      const end = () => {
+        tlsSocket.destroy();
+        plain.destroy();
+      };
+      tlsSocket.on('error', end).on('close', end);
+      plain.on('error', end).on('close', end);
+    });
+    front.on('tlsClientError', () => {});
+    await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+    h.cleanups.push(() => new Promise<void>((resolve) => front.close(() => resolve())));
+    const port = (front.address() as { port: number }).port;
+
+    const obs = await observe();
+    const { supervisor, forwarder } = pipeline({
+      settings: { url: `mqtts://localhost:${port}`, ca: pki.caCert },
+    });
+    supervisor.start();
+    forwarder.start();
+    for (let i = 0; i < 20; i++) await enqueue('t', i);
+    const failures = () => h.logs.filter((l) => l.msg === 'connect_failed').length;
+    await until(() => failures() >= 3);
+    expect(supervisor.lastError?.message).toMatch(/localhost|altname|cloud\.example/i);
+
+    // The right name, but a CA the integration does not trust.
+    const untrusted = pki.issueServer('localhost', { signedByOtherCa: true });
+    front.setSecureContext({ cert: untrusted.cert, key: untrusted.key });
+    const before = failures();
+    await until(() => failures() >= before + 3);
+    expect(supervisor.lastError?.message).toMatch(/certificate/i);
+
+    // Refused, never dropped or dead-lettered: every row waits for the genuine upstream.
+    expect(depth()).toBe(20);
+    expect(h.outbox.stats(h.integrationId)).toMatchObject({ deadLetters: 0, dropped: 0 });
+    expect(obs.got).toEqual([]);
+
+    front.setSecureContext({ cert: readFileSync(pki.serverCert), key: readFileSync(pki.serverKey) });
+    await until(() => depth() === 0);
+    await until(() => new Set(obs.got).size === 20);
+    assertPerDeviceOrder(obs.got);
   });
 
   it('stop() leaves unacknowledged rows queued', async () => {

@@ -11,6 +11,8 @@ export interface TestPki {
   serverKey: string;
   /** Issues a client certificate with this CN, signed by the test CA (or by `otherCa`). */
   issueClient(cn: string, options?: { signedByOtherCa?: boolean }): { cert: Buffer; key: Buffer };
+  /** Issues another server certificate for `dnsName` only (an impostor's, for a wrong host or CA). */
+  issueServer(dnsName: string, options?: { signedByOtherCa?: boolean }): { cert: Buffer; key: Buffer };
   readonly ca: Buffer;
   cleanup(): void;
 }
@@ -98,6 +100,16 @@ export function createTestPki(): TestPki {
     issueClient(cn, options = {}) {
       const name = `client-${clients++}`;
       issue(name, cn, options.signedByOtherCa ? 'other-ca' : 'ca', 'extendedKeyUsage=clientAuth\n');
+      return { cert: readFileSync(p(`${name}.crt`)), key: readFileSync(p(`${name}.key`)) };
+    },
+    issueServer(dnsName, options = {}) {
+      const name = `server-${clients++}`;
+      issue(
+        name,
+        dnsName,
+        options.signedByOtherCa ? 'other-ca' : 'ca',
+        `subjectAltName=DNS:${dnsName}\nextendedKeyUsage=serverAuth\n`,
+      );
       return { cert: readFileSync(p(`${name}.crt`)), key: readFileSync(p(`${name}.key`)) };
     },
     cleanup() {
