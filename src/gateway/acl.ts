@@ -50,13 +50,22 @@ function matches(filter: string, topic: string): boolean {
   return matchTopic(filter, topic) !== null;
 }
 
+/**
+ * U+0000 is forbidden in topics and filters (MQTT-4.7.3-2), and U+FFFD is what mqtt-packet
+ * makes of ill-formed UTF-8, which a server must refuse (MQTT-1.5.3-1). A topic carrying either
+ * would also get the gateway's upstream link closed by a strict cloud broker.
+ */
+function hasForbiddenCharacter(topicOrFilter: string): boolean {
+  return topicOrFilter.includes('\u0000') || topicOrFilter.includes('\uFFFD');
+}
+
 /** aedes (through qlobber) cannot route deeper topics; refusing them early also covers wills. */
 export const MAX_TOPIC_LEVELS = 100;
 
 /** May a client with this ACL publish to `topic` (a concrete topic name)? */
 export function canPublish(acl: EffectiveAcl, topic: string): boolean {
   if (topic.length === 0 || isReserved(topic) || topic.includes('+') || topic.includes('#')) return false;
-  if (topic.split('/').length > MAX_TOPIC_LEVELS) return false;
+  if (topic.split('/').length > MAX_TOPIC_LEVELS || hasForbiddenCharacter(topic)) return false;
   if (acl.deny.some((f) => matches(f, topic))) return false;
   return acl.publish.some((f) => matches(f, topic));
 }
@@ -80,11 +89,12 @@ export function canSubscribe(acl: EffectiveAcl, filter: string): boolean {
 }
 
 function isValidFilter(filter: string): boolean {
+  if (hasForbiddenCharacter(filter)) return false;
   const levels = filter.split('/');
   return levels.every((level, i) => {
     if (level.includes('#')) return level === '#' && i === levels.length - 1;
     if (level.includes('+')) return level === '+';
-    return !level.includes('\u0000');
+    return true;
   });
 }
 

@@ -73,6 +73,13 @@ describe('acl', () => {
     expect(canSubscribe(all, 'a/#/b')).toBe(false);
     expect(canSubscribe(all, 'a/b+')).toBe(false);
     expect(canSubscribe(all, '')).toBe(false);
+    // U+0000, and U+FFFD (ill-formed UTF-8 after decoding), in topics and in filters.
+    for (const odd of ['a/\u0000', 'a/\uFFFD/b']) {
+      expect(canPublish(all, odd)).toBe(false);
+      expect(canSubscribe(all, odd)).toBe(false);
+      expect(canSubscribe(all, `${odd}/#`)).toBe(false);
+    }
+    expect(canPublish(all, 'a/\u00e9t\u00e9/\u{1F321}')).toBe(true);
   });
 
   it('decides filter coverage level by level', () => {

@@ -529,6 +529,60 @@ describe('broker security: packets', () => {
   });
 });
 
+describe('broker security: odd topics (S15)', () => {
+  /** A QoS 1 PUBLISH with the topic given as raw bytes (mqtt-packet would encode a string). */
+  function publishBytes(topic: Buffer, messageId: number): Buffer {
+    const body = Buffer.concat([
+      Buffer.from([topic.length >> 8, topic.length & 0xff]),
+      topic,
+      Buffer.from([messageId >> 8, messageId & 0xff]),
+      Buffer.from('x'),
+    ]);
+    return Buffer.concat([Buffer.from([0x32]), varint(body.length), body]);
+  }
+
+  it('closes the link on a topic with U+0000 or ill-formed UTF-8, without PUBACK or ingest', async () => {
+    const { port, ingested } = await startBroker();
+    const bad = [
+      Buffer.from('devices/sensor-1/a\u0000b', 'utf8'),
+      Buffer.concat([Buffer.from('devices/sensor-1/'), Buffer.from([0xc3, 0x28])]),
+      Buffer.concat([Buffer.from('devices/sensor-1/'), Buffer.from([0xed, 0xa0, 0x80])]), // a UTF-16 surrogate
+    ];
+    for (const topic of bad) {
+      const c = await raw(port);
+      c.send(login('sensor-1'));
+      expect(((await c.next('connack')) as mqttPacket.IConnackPacket).returnCode).toBe(0);
+      c.write(publishBytes(topic, 1));
+      await within(c.closed);
+      expect(c.packets.filter((p) => p.cmd === 'puback')).toEqual([]);
+    }
+    expect(ingested).toEqual([]);
+    await stillServes(await device(port, 'sensor-1'), 'sensor-1');
+  });
+
+  it('treats __proto__ and constructor as plain topic levels, and survives a 201-level UNSUBSCRIBE', async () => {
+    const { port, ingested } = await startBroker();
+    const client = await device(port, 'sensor-1');
+    for (const topic of ['devices/sensor-1/__proto__', 'devices/sensor-1/constructor/prototype']) {
+      await client.publishAsync(topic, '{"__proto__":{"polluted":1}}', { qos: 1 });
+    }
+    await client.subscribeAsync('devices/sensor-1/__proto__/#', { qos: 1 });
+    expect(ingested.map((m) => m.topic)).toEqual([
+      'devices/sensor-1/__proto__',
+      'devices/sensor-1/constructor/prototype',
+    ]);
+    expect(({} as Record<string, unknown>).polluted).toBeUndefined();
+
+    const c = await raw(port);
+    c.send(login('sensor-2'));
+    await c.next('connack');
+    const deep = Array.from({ length: 201 }, (_, i) => `l${i}`).join('/');
+    c.send({ cmd: 'unsubscribe', messageId: 3, unsubscriptions: [deep, 'devices/sensor-2/\u0000'] });
+    await Promise.race([c.closed, c.next('unsuback')]);
+    await stillServes(client, 'sensor-1');
+  });
+});
+
 describe('broker security: malformed packets (S17)', () => {
   /** Deterministic, so a failure replays: mulberry32. */
   function prng(seed: number): () => number {
