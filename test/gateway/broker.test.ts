@@ -362,6 +362,60 @@ describe('broker', () => {
       ).rejects.toThrow();
       expect(broker.connectedDevices()).toEqual([]);
     });
+
+    it('refuses a client with no certificate, and one offering only TLS 1.1', async () => {
+      const { broker, port } = await startBroker({ config: tlsConfig() });
+      const options = { ca: pki.ca, reconnectPeriod: 0, connectTimeout: 3000 };
+      // No certificate: the handshake itself fails (requireClientCert), so no CONNECT is read.
+      await expect(
+        mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, { ...options, clientId: 'cert-device' }, false),
+      ).rejects.toThrow();
+      const good = pki.issueClient('cert-device');
+      await expect(
+        mqtt.connectAsync(
+          `mqtts://127.0.0.1:${port}`,
+          // mqtt.js hands its options to tls.connect; its types do not list these two.
+          { ...options, ...good, clientId: 'cert-device', ...{ maxVersion: 'TLSv1.1', minVersion: 'TLSv1' } },
+          false,
+        ),
+      ).rejects.toThrow();
+      expect(broker.connectedDevices()).toEqual([]);
+      // The same certificate over TLS 1.2+ gets in: the refusals above were the point.
+      const client = await mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, {
+        ...options,
+        ...good,
+        clientId: 'cert-device',
+      });
+      running.push({ close: () => void client.end(true) });
+      await client.publishAsync('devices/cert-device/telemetry', 'tls 1.2+', { qos: 1 });
+      expect(broker.connectedDevices().map((d) => d.id)).toEqual(['cert-device']);
+    });
+
+    it('refuses anonymous clients on a TLS listener without client certificates, as on TCP', async () => {
+      const config = brokerConfig({
+        listeners: [{ type: 'tls', host: '127.0.0.1', port: 0, cert: pki.serverCert, key: pki.serverKey }],
+      });
+      const { port } = await startBroker({ config });
+      await expect(
+        mqtt.connectAsync(
+          `mqtts://127.0.0.1:${port}`,
+          { ca: pki.ca, clientId: 'anon-tls', reconnectPeriod: 0, connectTimeout: 3000 },
+          false,
+        ),
+      ).rejects.toMatchObject({ code: 5 });
+    });
+  });
+
+  it('refuses anonymous clients on a WebSocket listener, as on TCP', async () => {
+    const config = brokerConfig({ listeners: [{ type: 'ws', host: '127.0.0.1', port: 0, path: '/mqtt' }] });
+    const { port } = await startBroker({ config });
+    await expect(
+      mqtt.connectAsync(
+        `ws://127.0.0.1:${port}/mqtt`,
+        { clientId: 'anon-ws', reconnectPeriod: 0, connectTimeout: 3000 },
+        false,
+      ),
+    ).rejects.toMatchObject({ code: 5 });
   });
 
   describe('listen errors', () => {
