@@ -95,6 +95,14 @@ export interface Broker {
   close(): Promise<void>;
 }
 
+/** aedes' errors for a link that timed out or stopped reading: the network's or the device's state, not a protocol violation. */
+const LINK_ERRORS = new Set([
+  'keep alive timeout',
+  'drain timeout',
+  'connection closed',
+  'Client queue limit reached',
+]);
+
 /** How long a graceful stop waits for publishes being committed and their PUBACKs. */
 const DRAIN_COMMITS_MS = 5_000;
 
@@ -383,7 +391,27 @@ export function createBroker(options: BrokerOptions): Broker {
     logger.info({ clientId: client.id }, 'device_disconnected');
   });
   aedes.on('clientError', (client, err) => {
-    logger.debug({ clientId: client.id, error: err.message }, 'client_error');
+    // Socket errors, our own refusals (recorded where they are made) and a link that went quiet
+    // or stopped reading are not the device breaking the protocol.
+    if (
+      (err as NodeJS.ErrnoException).code !== undefined ||
+      err instanceof GatewayError ||
+      LINK_ERRORS.has(err.message)
+    ) {
+      logger.debug({ clientId: client.id, error: err.message }, 'client_error');
+      return;
+    }
+    // A malformed packet or a forbidden one from a connected device (SPEC §4: closed, with an
+    // activity row); aedes has closed the connection already.
+    const remoteAddress = connected.get(client.id)?.remoteAddress ?? null;
+    logger.warn({ clientId: client.id, remoteAddress, error: err.message }, 'protocol_error');
+    throttle.note(
+      'protocol_error',
+      remoteAddress,
+      { clientId: client.id, remoteAddress, reason: err.message },
+      null,
+      `connection closed: ${err.message}`,
+    );
   });
   aedes.on('connectionError', (client, err) => {
     const info = connections.get(client.conn as Duplex);

@@ -618,11 +618,12 @@ describe('broker security: malformed packets (S17)', () => {
 
   it('survives 300 mutated CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE and PUBREL frames', async () => {
     // The door's own defences off, so every frame reaches the parser and the hooks.
-    const { port } = await startBroker({
+    const { port, activity } = await startBroker({
       config: brokerConfig({
         connectRate: { perIp: 0, total: 0 },
         loginBackoff: { failures: 0, ipFailures: 0 },
       }),
+      activityWindowMs: 0,
     });
     const other = await device(port, 'sensor-2');
     const rand = prng(20261129);
@@ -662,6 +663,17 @@ describe('broker security: malformed packets (S17)', () => {
     await stillServes(other, 'sensor-2');
     // A well-formed login still works after all of it.
     expect(await connackCode(port, login('sensor-1'))).toBe(0);
+    // The broken frames are on record (SPEC §4): before a login and from a logged-in device.
+    await waitUntil(
+      () =>
+        activity.list({ activityType: 'connection_rejected' }).length > 0 &&
+        activity.list({ activityType: 'protocol_error' }).length > 0,
+    );
+    const errors = activity.list({ activityType: 'protocol_error', limit: 1000 });
+    expect(
+      errors.every((row) => row.status === 'failed' && row.errorMessage?.startsWith('connection closed: ')),
+    ).toBe(true);
+    expect(errors.some((row) => (row.metadata as { clientId?: unknown }).clientId === 'sensor-1')).toBe(true);
   });
 });
 
