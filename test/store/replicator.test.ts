@@ -359,6 +359,34 @@ describe('replicator', () => {
     expect(await centralIds(db, 'integration_sync_log')).toEqual(localIds(local, 'sync_log'));
   });
 
+  it('a column dropped from the central table gives one schema error and keeps every row until it is back', async () => {
+    const own = await createTestDatabase('repl_drop');
+    cleanups.push(() => own.drop());
+    await migrateCentral({ url: own.url, logger: createLogger({ level: 'silent', gatewayId: 't' }) });
+    const url = own.urlFor(await own.createLogin('iot_gateway_ingest', ORG));
+    const local = openLocal();
+    const replicator = replicatorFor(local, url, { batchSize: 50 });
+    seed(local, 5);
+    expect(await replicator.runOnce()).toMatchObject({ replicated: 5, rejected: 0 });
+
+    await own.admin.query('ALTER TABLE integration_activity_log DROP COLUMN error_code');
+    seed(local, 60);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const err = await replicator.runOnce().catch((e: unknown) => e);
+      expect((err as GatewayError).code).toBe(ErrorCodes.CENTRAL_SCHEMA);
+      expect((err as GatewayError).message).toMatch(/42703.*run `iot-gateway db migrate`/);
+    }
+    expect(replicator.status()).toMatchObject({ rejectedRows: 0 });
+
+    await own.admin.query('ALTER TABLE integration_activity_log ADD COLUMN error_code text');
+    expect(await replicator.runOnce()).toMatchObject({ rejected: 0 });
+    await replicator.runOnce();
+    const { rows } = await own.admin.query<{ id: string }>(
+      'SELECT id::text AS id FROM integration_activity_log ORDER BY id',
+    );
+    expect(rows.map((r) => r.id)).toEqual(localIds(local, 'activity_log'));
+  });
+
   it('start() backs off while PostgreSQL is away and drains once it is reachable', async () => {
     const local = openLocal();
     seed(local, 250);
