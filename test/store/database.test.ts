@@ -22,12 +22,18 @@ const tempDir = () => mkdtempSync(join(tmpdir(), 'gw-db-'));
 
 describe('local store', () => {
   it('runs WAL with synchronous=FULL, files 0600, and migrates forward', () => {
-    const dataDir = tempDir();
+    const dataDir = join(tempDir(), 'state'); // created by openStore
     const store = openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true });
     expect(store.db.pragma('journal_mode', { simple: true })).toBe('wal');
     expect(store.db.pragma('synchronous', { simple: true })).toBe(2);
     expect(store.db.pragma('user_version', { simple: true })).toBeGreaterThanOrEqual(1);
     expect(statSync(store.file).mode & 0o777).toBe(0o600);
+    // The WAL and the shared-memory index hold the same data; SQLite gives them the file's mode.
+    store.db
+      .prepare("INSERT INTO replication_watermark (log, seq) VALUES ('sync_log', 0) ON CONFLICT DO NOTHING")
+      .run();
+    for (const suffix of ['-wal', '-shm']) expect(statSync(store.file + suffix).mode & 0o777).toBe(0o600);
+    expect(statSync(dataDir).mode & 0o777).toBe(0o700);
     store.close();
     // Reopening is a no-op migration.
     openStore({ dataDir, logger, onCorrupt: 'refuse', lock: true }).close();
