@@ -117,6 +117,9 @@ function zodIssues(
     }
     let message = issue.message;
     if (issue.code === 'invalid_type' && issue.received === 'undefined') message = 'is required';
+    // `key:` followed by nothing or only comments is null in YAML: never read as "allow all".
+    else if (issue.code === 'invalid_type' && issue.received === 'null')
+      message = `is empty (${issue.expected} expected); give it a value, or remove the key to use the default`;
     if (issue.code === 'invalid_union_discriminator') message = `must be one of: ${issue.options.join(', ')}`;
     out.push({ path: formatPath(issue.path), message, line: lineOf(issue.path) });
   }

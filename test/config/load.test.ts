@@ -47,6 +47,39 @@ describe('config loading', () => {
     expect(issues).toEqual([expect.objectContaining({ path: 'broker.maxConnections', line: 4 })]);
   });
 
+  it('refuses a key left empty or holding only comments (S20: fail closed), naming it', () => {
+    const issues = issuesOf(
+      [
+        'gateway:',
+        '  id: gw',
+        'broker:',
+        '  devices:',
+        '    - id: d1',
+        '      passwordHash: "$scrypt$16384$8$1$c2FsdA$aGFzaA"',
+        '      acl:',
+        '        # to be filled in',
+        '    - id: d2',
+        '      passwordHash: "$scrypt$16384$8$1$c2FsdA$aGFzaA"',
+        '      acl:',
+        '        publish:',
+        '        deny: []',
+        '',
+      ].join('\n'),
+    );
+    expect(issues).toEqual([
+      expect.objectContaining({
+        path: 'broker.devices[0].acl',
+        line: 7,
+        message: expect.stringMatching(/^is empty/),
+      }),
+      expect.objectContaining({
+        path: 'broker.devices[1].acl.publish',
+        line: 12,
+        message: expect.stringMatching(/remove the key to use the default/),
+      }),
+    ]);
+  });
+
   it('suggests the key that was meant', () => {
     const issues = issuesOf(`gateway:\n  id: gw\nbroker:\n  allowAnonymus: true\n`);
     expect(issues[0]!.path).toBe('broker.allowAnonymus');
