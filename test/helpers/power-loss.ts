@@ -7,9 +7,10 @@ import { basename, join, resolve } from 'node:path';
  * compiler, is LD_PRELOADed into the daemon and journals an undo record before every write or
  * truncate of a file under a directory, and a record of every fsync/fdatasync. After a kill -9,
  * `powerCut` undoes what no sync covered, so the files hold what a disk would after a power cut.
+ * `fixture: 'disk-full'` builds the R10 shim instead (`test/fixtures/disk-full/shim.c`).
  */
-export function buildShim(outDir: string): string {
-  const out = join(outDir, 'power-loss-shim.so');
+export function buildShim(outDir: string, fixture: 'power-loss' | 'disk-full' = 'power-loss'): string {
+  const out = join(outDir, `${fixture}-shim.so`);
   execFileSync('cc', [
     '-shared',
     '-fPIC',
@@ -18,7 +19,7 @@ export function buildShim(outDir: string): string {
     '-Werror',
     '-o',
     out,
-    resolve('test/fixtures/power-loss/shim.c'),
+    resolve(`test/fixtures/${fixture}/shim.c`),
     '-ldl',
     '-lpthread',
   ]);

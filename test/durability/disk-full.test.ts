@@ -1,0 +1,113 @@
+import { existsSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { startDaemon } from '../helpers/daemon.js';
+import { buildShim } from '../helpers/power-loss.js';
+import {
+  allDelivered,
+  checkDelivery,
+  connectDevice,
+  deliveredCount,
+  expectIntactStore,
+  pump,
+  startDurabilityWorld,
+  waitFor,
+} from '../helpers/sequenced-devices.js';
+
+/**
+ * R10 at the daemon: the disk fills up while devices publish (an LD_PRELOAD shim makes every
+ * write that would lengthen a file under dataDir fail with ENOSPC, as a full ext4 does). No
+ * message may be acknowledged that is not on disk, the daemon must not crash, and once space is
+ * back it must take messages again by itself, deliver everything it acknowledged and leave an
+ * intact store.
+ */
+
+const DEVICES = 2;
+const WINDOW = 16;
+
+describe('durability: disk full while devices publish', () => {
+  const cleanup: (() => Promise<unknown> | void)[] = [];
+  afterAll(async () => {
+    for (const fn of cleanup.reverse()) await fn();
+  });
+
+  it(
+    'acknowledges nothing it could not write, stays up, and recovers when space is back',
+    { timeout: 120_000 },
+    async () => {
+      const { dir, port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
+        'diskfull',
+        DEVICES,
+        cleanup,
+      );
+      const dataDir = join(dir, 'data');
+      const full = join(dir, 'disk-is-full');
+      const shim = buildShim(dir, 'disk-full');
+      const daemon = startDaemon(configFile, {
+        LD_PRELOAD: shim,
+        DF_DIR: dataDir,
+        DF_SWITCH: full,
+        UV_USE_IO_URING: '0',
+      });
+      cleanup.push(() => daemon.stop('SIGKILL'));
+      await daemon.ready;
+
+      /** Each device connects and sends `count` more messages, or fewer if its link is closed. */
+
+      const publishMore = async (count: number) => {
+        for (const d of devices) d.client = await connectDevice(port, d, password);
+        await Promise.all(devices.map((d) => pump(d, d.next + count, WINDOW)));
+        for (const d of devices) d.client?.end(true);
+      };
+
+      // The upstream is down: the queue grows on disk.
+      await publishMore(400);
+      expect(devices.every((d) => d.acked.size === 400)).toBe(true);
+
+      // The disk fills up. The daemon may still take what fits in blocks its files already have;
+      // then commits fail, the devices get no PUBACK and lose their links, and they try again.
+      writeFileSync(full, '');
+      const ackedBefore = devices.map((d) => d.acked.size);
+      for (
+        let attempt = 0;
+        attempt < 20 && !daemon.lines.some((l) => l.msg === 'queue_commit_failed');
+        attempt++
+      ) {
+        await publishMore(200);
+      }
+      const failed = daemon.lines.find((l) => l.msg === 'queue_commit_failed');
+      expect(failed, 'a commit failed on the full disk').toBeDefined();
+      expect(JSON.stringify(failed)).toMatch(/SQLITE_FULL|database or disk is full/);
+      const sentWhileFull = devices.reduce((n, d, i) => n + d.next - ackedBefore[i]!, 0);
+      const ackedWhileFull = devices.reduce((n, d, i) => n + d.acked.size - ackedBefore[i]!, 0);
+      console.log(`diskfull: while full, ${sentWhileFull} sent, ${ackedWhileFull} acknowledged`);
+      expect(ackedWhileFull).toBeLessThan(sentWhileFull);
+      // Still full: a device that connects again gets in, but its messages are refused again.
+      const d0 = devices[0]!;
+      d0.client = await connectDevice(port, d0, password);
+      const stuck = d0.acked.size;
+      await pump(d0, d0.next + 50, WINDOW);
+      d0.client.end(true);
+      expect(d0.acked.size).toBe(stuck);
+      expect(daemon.proc.exitCode).toBeNull();
+
+      // Space is back: without a restart, the same daemon takes messages again.
+      rmSync(full);
+      expect(existsSync(full)).toBe(false);
+      const ackedAfterFull = devices.map((d) => d.acked.size);
+      await publishMore(300);
+      devices.forEach((d, i) => expect(d.acked.size).toBe(ackedAfterFull[i]! + 300));
+
+      proxy.setMode('pass');
+      await waitFor(allDelivered(devices, received), 60_000);
+      const duplicates = checkDelivery(devices, received);
+      const acked = devices.reduce((n, d) => n + d.acked.size, 0);
+      console.log(
+        `diskfull: ${acked} acknowledged, ${deliveredCount(received)} delivered, ${duplicates} duplicates`,
+      );
+      expect(duplicates).toBe(0);
+      expect(await daemon.stop('SIGTERM')).toBe(0);
+      expectIntactStore(dataDir);
+    },
+  );
+});
