@@ -393,6 +393,32 @@ describe('forwarder', () => {
     assertPerDeviceOrder(obs.got);
   });
 
+  it('R5: a slow upstream keeps the in-flight window bounded and enqueues unaffected', async () => {
+    h = await setUp();
+    const obs = await observe();
+    const { supervisor, forwarder } = pipeline({ queue: { inflight: 50 } });
+    supervisor.start();
+    forwarder.start();
+    await until(() => supervisor.state === 'connected');
+    // Every PUBACK (and everything else from the upstream) arrives 300 ms late.
+    h.proxy.setServerDelay(300);
+    let maxInflight = 0;
+    const sampler = setInterval(() => {
+      maxInflight = Math.max(maxInflight, forwarder.inflight);
+    }, 5);
+    h.cleanups.push(() => clearInterval(sampler));
+    for (let i = 0; i < 600; i++) await enqueue('slow', i);
+    // The enqueues (the devices' PUBACKs) did not wait for the upstream: most rows are still queued.
+    expect(depth()).toBeGreaterThan(400);
+    await until(() => depth() === 0, 60_000);
+    clearInterval(sampler);
+    expect(maxInflight).toBeGreaterThan(0);
+    expect(maxInflight).toBeLessThanOrEqual(50);
+    await until(() => new Set(obs.got).size === 600);
+    assertPerDeviceOrder(obs.got);
+    expect(obs.got).toHaveLength(600); // no timeout, so nothing sent twice
+  });
+
   it('stop() leaves unacknowledged rows queued', async () => {
     h = await setUp();
     h.proxy.setMode('refuse');

@@ -12,6 +12,8 @@ export interface TcpProxy {
   cutAfterClientBytes(bytes: number): void;
   /** Resets every connection once `bytes` more bytes have gone upstream → client. */
   cutAfterServerBytes(bytes: number): void;
+  /** Holds every upstream → client chunk this long (a slow or far-away upstream); 0 is off. */
+  setServerDelay(ms: number): void;
   /** Bytes forwarded so far in each direction. */
   readonly stats: { clientBytes: number; serverBytes: number; connections: number };
   close(): Promise<void>;
@@ -25,6 +27,7 @@ export async function startTcpProxy(upstreamPort: number, upstreamHost = '127.0.
   let mode: ProxyMode = 'pass';
   let cutClient = Infinity;
   let cutServer = Infinity;
+  let serverDelayMs = 0;
   const stats = { clientBytes: 0, serverBytes: 0, connections: 0 };
   const pairs = new Set<{ client: Socket; upstream: Socket | undefined }>();
 
@@ -84,7 +87,9 @@ export async function startTcpProxy(upstreamPort: number, upstreamHost = '127.0.
         [...pairs].forEach(reset);
         return;
       }
-      client.write(chunk);
+      // Same delay for every chunk: the timers fire in order, so the stream stays in order.
+      if (serverDelayMs > 0) setTimeout(() => client.write(chunk), serverDelayMs);
+      else client.write(chunk);
     });
   });
 
@@ -113,6 +118,9 @@ export async function startTcpProxy(upstreamPort: number, upstreamHost = '127.0.
     },
     cutAfterServerBytes(bytes) {
       cutServer = bytes;
+    },
+    setServerDelay(ms) {
+      serverDelayMs = ms;
     },
     async close() {
       [...pairs].forEach(reset);
