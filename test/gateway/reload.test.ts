@@ -183,4 +183,93 @@ describe('live config reload under traffic', () => {
     expect(acked.length).toBeGreaterThan(10);
     expect(await daemon.stop('SIGTERM')).toBe(0);
   });
+
+  it(
+    'R13: a half-written file and an emptied ACL are refused, a new listener waits for a restart, and no ACL opens',
+    { timeout: 60_000 },
+    async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'gw-reload13-'));
+      const file = join(dir, 'gateway.yaml');
+      const port = await freePort();
+      const otherPort = await freePort();
+      const hash = await hashPassword('pw');
+      const render = (opts: { devices: string[]; port?: number; emptyAclFor?: string }) =>
+        [
+          `gateway: { id: reload13-gw, dataDir: ${JSON.stringify(join(dir, 'data'))}, log: { level: info } }`,
+          'broker:',
+          `  listeners: [{ type: tcp, host: 127.0.0.1, port: ${opts.port ?? port} }]`,
+          '  devices:',
+          ...opts.devices.flatMap((d) =>
+            d === opts.emptyAclFor
+              ? [`    - id: ${d}`, `      passwordHash: "${hash}"`, '      acl:', '        # to be filled in']
+              : [`    - { id: ${d}, passwordHash: "${hash}" }`],
+          ),
+          'http: { enabled: false }',
+          '',
+        ].join('\n');
+      writeFileSync(file, render({ devices: ['a', 'b'] }));
+      const daemon = startDaemon(file);
+      cleanup.push(() => daemon.stop('SIGKILL'));
+      await daemon.ready;
+      const connect = (id: string) =>
+        mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+          clientId: id,
+          username: id,
+          password: 'pw',
+          reconnectPeriod: 0,
+        });
+      const a = await connect('a');
+      cleanup.push(() => void a.end(true));
+      let closedA = 0;
+      a.on('close', () => closedA++);
+      /** b may not publish to a's topics: its probe link is cut, without a PUBACK. */
+      const aclStillClosed = async () => {
+        const probe = await connect('b');
+        const closed = new Promise<void>((r) => probe.once('close', () => r()));
+        let acked = false;
+        probe.publish('devices/a/telemetry', 'sneaky', { qos: 1 }, (err) => {
+          if (!err) acked = true;
+        });
+        await closed;
+        probe.end(true);
+        expect(acked).toBe(false);
+      };
+      const count = (msg: string) => daemon.lines.filter((l) => l.msg === msg).length;
+      const waitFor = async (msg: string, before: number) => {
+        const deadline = Date.now() + 10_000;
+        while (count(msg) <= before && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+        expect(count(msg)).toBeGreaterThan(before);
+      };
+
+      // 1. A writer stops halfway (inside a quoted hash) for longer than the watcher's debounce.
+      const next = render({ devices: ['a', 'b', 'c'] });
+      const cut = next.indexOf('$scrypt$', next.indexOf('id: c')) + 10;
+      let failed = count('config_reload_failed');
+      writeFileSync(file, next.slice(0, cut));
+      await waitFor('config_reload_failed', failed);
+      await aclStillClosed();
+      const reloaded = count('config_reloaded');
+      writeFileSync(file, next);
+      await waitFor('config_reloaded', reloaded);
+      const c = await connect('c'); // the completed edit is in force
+      await c.endAsync();
+
+      // 2. An ACL emptied down to a comment is refused, not read as "no restriction".
+      failed = count('config_reload_failed');
+      writeFileSync(file, render({ devices: ['a', 'b', 'c'], emptyAclFor: 'a' }));
+      await waitFor('config_reload_failed', failed);
+      const refusal = daemon.lines.filter((l) => l.msg === 'config_reload_failed').at(-1);
+      expect(JSON.stringify(refusal)).toMatch(/broker\.devices\[0\]\.acl.*is empty/);
+      await aclStillClosed();
+      await a.publishAsync('devices/a/telemetry', 'own topic still fine', { qos: 1 });
+
+      // 3. A new listener port needs a restart: reported, and the running listener keeps serving.
+      const restart = count('config_restart_required');
+      writeFileSync(file, render({ devices: ['a', 'b', 'c'], port: otherPort }));
+      await waitFor('config_restart_required', restart);
+      await a.publishAsync('devices/a/telemetry', 'same port', { qos: 1 });
+      expect(closedA).toBe(0);
+      expect(await daemon.stop('SIGTERM')).toBe(0);
+    },
+  );
 });
