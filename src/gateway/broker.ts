@@ -341,7 +341,11 @@ export function createBroker(options: BrokerOptions): Broker {
             },
             (err: unknown) => {
               logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
-              done(err instanceof Error ? err : new Error(errorMessage(err)));
+              // The error closes the link. PUBACKs aedes wrote a moment ago for this device's
+              // earlier messages of the same batch sit corked until the next tick (mqtt-packet
+              // writeToStream); closing now would discard them, and the device would send those
+              // committed messages again.
+              setImmediate(() => done(err instanceof Error ? err : new Error(errorMessage(err))));
             },
           )
           .finally(() => {
