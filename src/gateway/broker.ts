@@ -95,7 +95,10 @@ export interface Broker {
   close(): Promise<void>;
 }
 
-/** aedes' errors for a link that timed out or stopped reading: the network's or the device's state, not a protocol violation. */
+/**
+ * aedes' errors for a link that timed out or stopped reading: the state of the network or of the
+ * device, not a protocol violation.
+ */
 const LINK_ERRORS = new Set([
   'keep alive timeout',
   'drain timeout',
