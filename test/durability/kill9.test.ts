@@ -4,10 +4,9 @@ import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import {
   allDelivered,
   checkDelivery,
-  connectDevice,
   deliveredCount,
   expectIntactStore,
-  pump,
+  publishInPhases,
   startDurabilityWorld,
   waitFor,
 } from '../helpers/sequenced-devices.js';
@@ -41,30 +40,27 @@ describe('durability: kill -9 mid-burst with the upstream down', () => {
     cleanup.push(() => daemon.stop('SIGKILL'));
     await daemon.ready;
 
-    const perPhase = Math.ceil(PER_DEVICE / (KILLS + 1));
-    for (let phase = 0; phase <= KILLS; phase++) {
-      for (const d of devices) d.client = await connectDevice(port, d, password);
-      const target = Math.min(PER_DEVICE, (phase + 1) * perPhase);
-      const pumping = Promise.all(devices.map((d) => pump(d, target, WINDOW)));
-      if (phase < KILLS) {
+    await publishInPhases(
+      { port, password, devices },
+      {
+        perDevice: PER_DEVICE,
+        window: WINDOW,
+        interruptions: KILLS,
         // Kill mid-burst: once a fraction of this phase is acknowledged, without warning.
-        const phaseStart = phase * perPhase;
-        await waitFor(() => devices.every((d) => d.acked.size >= phaseStart + perPhase / 3), 60_000);
-        console.log(
-          `kill9: phase ${phase}, acknowledged ${devices.map((d) => d.acked.size).join('/')}, SIGKILL`,
-        );
-        daemon.proc.kill('SIGKILL');
-        await daemon.exited;
-        expectIntactStore(join(dir, 'data'));
-        await pumping;
-        for (const d of devices) d.client?.end(true);
-        daemon = startDaemon(configFile);
-        await daemon.ready;
-      } else {
-        await pumping;
-        for (const d of devices) await d.client?.endAsync();
-      }
-    }
+        async interrupt(phase) {
+          console.log(
+            `kill9: phase ${phase}, acknowledged ${devices.map((d) => d.acked.size).join('/')}, SIGKILL`,
+          );
+          daemon.proc.kill('SIGKILL');
+          await daemon.exited;
+          expectIntactStore(join(dir, 'data'));
+        },
+        async restart() {
+          daemon = startDaemon(configFile);
+          await daemon.ready;
+        },
+      },
+    );
 
     const ackedTotal = devices.reduce((n, d) => n + d.acked.size, 0);
     expect(ackedTotal).toBeGreaterThan(DEVICES * PER_DEVICE * 0.5);

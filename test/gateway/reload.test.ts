@@ -13,6 +13,15 @@ import { freePort } from '../helpers/ports.js';
  * is edited in place, replaced by rename, broken, and signalled with SIGHUP. Nobody the edit does
  * not concern is disconnected, and every acknowledged message reaches the upstream.
  */
+/** A device of these tests (password `pw`), without reconnecting. */
+const connectDevice = (port: number, id: string) =>
+  mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+    clientId: id,
+    username: id,
+    password: 'pw',
+    reconnectPeriod: 0,
+  });
+
 describe('live config reload under traffic', () => {
   const cleanup: (() => Promise<unknown> | void)[] = [];
   afterAll(async () => {
@@ -65,13 +74,7 @@ describe('live config reload under traffic', () => {
     const daemon: DaemonHandle = startDaemon(file);
     cleanup.push(() => daemon.stop('SIGKILL'));
     await daemon.ready;
-    const connect = (id: string) =>
-      mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
-        clientId: id,
-        username: id,
-        password: 'pw',
-        reconnectPeriod: 0,
-      });
+    const connect = (id: string) => connectDevice(port, id);
     const a = await connect('a');
     const b = await connect('b');
     cleanup.push(
@@ -211,13 +214,7 @@ describe('live config reload under traffic', () => {
       const daemon = startDaemon(file);
       cleanup.push(() => daemon.stop('SIGKILL'));
       await daemon.ready;
-      const connect = (id: string) =>
-        mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
-          clientId: id,
-          username: id,
-          password: 'pw',
-          reconnectPeriod: 0,
-        });
+      const connect = (id: string) => connectDevice(port, id);
       const a = await connect('a');
       cleanup.push(() => void a.end(true));
       let closedA = 0;

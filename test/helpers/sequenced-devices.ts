@@ -200,6 +200,42 @@ export async function startDurabilityWorld(
   return { dir, port, password, devices, configFile, proxy, received };
 }
 
+/**
+ * The devices publish up to `perDevice` messages each, in `interruptions + 1` phases. In every
+ * phase but the last, once a third of it is acknowledged, `interrupt(phase)` stops the daemon
+ * (it must have exited when the promise resolves); the devices' links end with it, and
+ * `restart()` starts the next daemon before they connect again.
+ */
+export async function publishInPhases(
+  world: Pick<DurabilityWorld, 'port' | 'password' | 'devices'>,
+  options: {
+    perDevice: number;
+    window: number;
+    interruptions: number;
+    interrupt: (phase: number) => Promise<void>;
+    restart: () => Promise<void>;
+  },
+): Promise<void> {
+  const { port, password, devices } = world;
+  const perPhase = Math.ceil(options.perDevice / (options.interruptions + 1));
+  for (let phase = 0; phase <= options.interruptions; phase++) {
+    for (const d of devices) d.client = await connectDevice(port, d, password);
+    const target = Math.min(options.perDevice, (phase + 1) * perPhase);
+    const pumping = Promise.all(devices.map((d) => pump(d, target, options.window)));
+    if (phase === options.interruptions) {
+      await pumping;
+      for (const d of devices) await d.client?.endAsync();
+      return;
+    }
+    const phaseStart = phase * perPhase;
+    await waitFor(() => devices.every((d) => d.acked.size >= phaseStart + perPhase / 3), 60_000);
+    await options.interrupt(phase);
+    await pumping;
+    for (const d of devices) d.client?.end(true);
+    await options.restart();
+  }
+}
+
 export async function waitFor(predicate: () => boolean, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!predicate()) {
