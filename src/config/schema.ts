@@ -97,6 +97,8 @@ const listenerSchema = z.discriminatedUnion('type', [
       key: z.string().min(1),
       ca: z.string().min(1).optional(),
       requireClientCert: z.boolean().default(false),
+      /** PEM certificate revocation list(s) of the device CA; read again on every reload. */
+      crl: z.string().min(1).optional(),
     })
     .strict(),
   z
@@ -313,6 +315,13 @@ export const configSchema = z
           code: z.ZodIssueCode.custom,
           path: ['broker', 'listeners', i, 'ca'],
           message: 'requireClientCert needs `ca`: the CA that signs the device certificates',
+        });
+      }
+      if (l.type === 'tls' && l.crl !== undefined && !l.requireClientCert) {
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['broker', 'listeners', i, 'crl'],
+          message: 'a crl only applies to client certificates: set requireClientCert: true, or remove crl',
         });
       }
       if (l.port === 0) return;

@@ -89,6 +89,11 @@ export interface Broker {
    * removed or whose password hash / ACL changed; leaves others connected.
    */
   updateConfig(config: Config['broker']): void;
+  /**
+   * TLS listeners read their cert, key, ca and crl files again, for new connections (a renewed
+   * certificate, a new CRL); one sentence per listener that kept its old files.
+   */
+  refreshTls(): string[];
   connectedDevices(): ConnectedDevice[];
   readonly stats: BrokerStats;
   /** Stops accepting, publishes the retained offline status, closes clients and aedes. */
@@ -601,6 +606,9 @@ export function createBroker(options: BrokerOptions): Broker {
         );
       }
       await aedesPublish(message);
+    },
+    refreshTls() {
+      return listeners.refreshTls();
     },
     updateConfig(next) {
       const previous = config;

@@ -2,7 +2,7 @@ import { accessSync, constants, readFileSync, statfsSync } from 'node:fs';
 import type { Config, IntegrationConfig } from '../config/schema.js';
 import { RESTART_REQUIRED_KEYS } from '../config/schema.js';
 import { ConfigError, formatIssue, loadConfigFile } from '../config/load.js';
-import { errorMessage, isGatewayError } from '../errors.js';
+import { ErrorCodes, errorMessage, isGatewayError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { Provider } from '../providers/provider.js';
 import { createProvider } from '../providers/registry.js';
@@ -523,6 +523,23 @@ export function createGateway(options: GatewayOptions): Gateway {
     return failed === 0 ? 0 : 1;
   }
 
+  function refreshTlsFiles(): void {
+    if (!broker || !config.broker.listeners.some((l) => l.type === 'tls')) return;
+    const failures = broker.refreshTls();
+    if (failures.length === 0) {
+      logger.info('tls_files_reloaded');
+      return;
+    }
+    for (const error of failures) logger.error({ error }, 'tls_reload_failed');
+    activity?.record({
+      activityType: 'tls_reload',
+      direction: 'internal',
+      status: 'failed',
+      errorCode: ErrorCodes.CONFIG_INVALID,
+      errorMessage: failures.join('; '),
+    });
+  }
+
   async function applyConfig(next: Readonly<Config>): Promise<{ changed: string[]; restart: string[] }> {
     const prev = config;
     const changed = diffPaths(prev, next);
@@ -562,6 +579,9 @@ export function createGateway(options: GatewayOptions): Gateway {
   }
 
   async function doReload(): Promise<ReloadResult> {
+    // Certificate and CRL files are read again on every reload (SIGHUP), also when the config
+    // itself did not change: replacing them and running `systemctl reload` is how they rotate.
+    refreshTlsFiles();
     const text = safeRead(configFile);
     if (text === configText) return { ok: true, changed: [], pendingRestart };
     notifier.reloading();

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer as createNetServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { createServer as createTlsServer, type TLSSocket } from 'node:tls';
+import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket } from 'node:tls';
 import type { WebSocketServer } from 'ws';
 import type { ListenerConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
@@ -56,6 +56,12 @@ export interface Listeners {
   listen(): Promise<BoundListener[]>;
   /** Open sockets across all listeners, counted by us. */
   readonly openConnections: number;
+  /**
+   * Reads every TLS listener's cert, key, ca and crl files again and uses them for new
+   * connections (a renewed certificate, a new CRL) without closing any. A listener whose files
+   * cannot be read or used keeps the ones it has; returns what failed, one sentence each.
+   */
+  refreshTls(): string[];
   /** Stops accepting new connections; open ones stay. */
   stopAccepting(): void;
   /** Stops accepting, destroys every remaining socket and waits for the servers to close. */
@@ -65,6 +71,8 @@ export interface Listeners {
 interface Started {
   server: Server;
   wss?: WebSocketServer;
+  /** TLS listeners: reads the files again and swaps the secure context (see refreshTls). */
+  refresh?: () => void;
 }
 
 export function createListeners(options: ListenersOptions): Listeners {
@@ -131,7 +139,7 @@ export function createListeners(options: ListenersOptions): Listeners {
         return { server };
       }
       case 'tls': {
-        const read = (key: 'cert' | 'key' | 'ca', path: string): Buffer => {
+        const read = (key: 'cert' | 'key' | 'ca' | 'crl', path: string): Buffer => {
           try {
             return readFileSync(path);
           } catch (err) {
@@ -142,26 +150,41 @@ export function createListeners(options: ListenersOptions): Listeners {
             );
           }
         };
-        let server: Server;
+        // What a secure context is made of; read again by refreshTls.
+        const files = () => ({
+          cert: read('cert', config.cert),
+          key: read('key', config.key),
+          ...(config.ca === undefined ? {} : { ca: read('ca', config.ca) }),
+          ...(config.crl === undefined ? {} : { crl: read('crl', config.crl) }),
+          minVersion: 'TLSv1.2' as const,
+        });
+        const unusable = (err: unknown) =>
+          err instanceof GatewayError
+            ? err
+            : new GatewayError(
+                ErrorCodes.CONFIG_INVALID,
+                `broker.listeners[${index}]: the TLS certificate, key, CA or CRL is not usable (${errorMessage(err)}); check broker.listeners[${index}].cert, .key, .ca and .crl`,
+                { cause: err },
+              );
+        let server: TlsServer;
         try {
           server = createTlsServer({
-            cert: read('cert', config.cert),
-            key: read('key', config.key),
-            ...(config.ca === undefined ? {} : { ca: read('ca', config.ca) }),
+            ...files(),
             requestCert: config.requireClientCert,
             rejectUnauthorized: config.requireClientCert,
-            minVersion: 'TLSv1.2',
             handshakeTimeout: options.connectTimeout,
             noDelay: true,
           });
         } catch (err) {
-          if (err instanceof GatewayError) throw err;
-          throw new GatewayError(
-            ErrorCodes.CONFIG_INVALID,
-            `broker.listeners[${index}]: the TLS certificate, key or CA is not usable (${errorMessage(err)}); check broker.listeners[${index}].cert, .key and .ca`,
-            { cause: err },
-          );
+          throw unusable(err);
         }
+        const refresh = () => {
+          try {
+            server.setSecureContext(files());
+          } catch (err) {
+            throw unusable(err);
+          }
+        };
         server.on('connection', (socket: Socket) => void admit(socket, 'tls'));
         server.on('secureConnection', (socket: TLSSocket) => {
           let certIdentity: string | null = null;
@@ -179,7 +202,7 @@ export function createListeners(options: ListenersOptions): Listeners {
         server.on('tlsClientError', (err, socket) => {
           logger.debug({ err, remoteAddress: socket.remoteAddress }, 'tls_handshake_failed');
         });
-        return { server };
+        return { server, refresh };
       }
       case 'ws': {
         const server = createHttpServer((_req, res) => {
@@ -258,6 +281,17 @@ export function createListeners(options: ListenersOptions): Listeners {
         throw err;
       }
       return bound;
+    },
+    refreshTls() {
+      const failures: string[] = [];
+      for (const entry of started) {
+        try {
+          entry.refresh?.();
+        } catch (err) {
+          failures.push(errorMessage(err));
+        }
+      }
+      return failures;
     },
     stopAccepting() {
       closing = true;

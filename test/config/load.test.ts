@@ -80,6 +80,18 @@ describe('config loading', () => {
     ]);
   });
 
+  it('refuses a crl on a TLS listener that does not ask for client certificates', () => {
+    const issues = issuesOf(
+      'gateway:\n  id: gw\nbroker:\n  listeners:\n    - { type: tls, port: 8883, cert: s.crt, key: s.key, crl: d.crl }\n',
+    );
+    expect(issues).toEqual([
+      expect.objectContaining({
+        path: 'broker.listeners[0].crl',
+        message: expect.stringMatching(/set requireClientCert: true, or remove crl/),
+      }),
+    ]);
+  });
+
   it('suggests the key that was meant', () => {
     const issues = issuesOf(`gateway:\n  id: gw\nbroker:\n  allowAnonymus: true\n`);
     expect(issues[0]!.path).toBe('broker.allowAnonymus');

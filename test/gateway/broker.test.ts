@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -389,6 +389,51 @@ describe('broker', () => {
       running.push({ close: () => void client.end(true) });
       await client.publishAsync('devices/cert-device/telemetry', 'tls 1.2+', { qos: 1 });
       expect(broker.connectedDevices().map((d) => d.id)).toEqual(['cert-device']);
+    });
+
+    it('refuses a revoked certificate (crl), and takes a new CRL on refreshTls without closing links', async () => {
+      const crl = join(pki.dir, `crl-${Date.now()}.pem`);
+      const early = pki.issueClient('cert-device');
+      pki.revoke(early.cert);
+      pki.writeCrl(crl);
+      const config = tlsConfig();
+      const listener = config.listeners[0]!;
+      if (listener.type !== 'tls') throw new Error('tls listener expected');
+      listener.crl = crl;
+      const { broker, port } = await startBroker({ config });
+      const options = { ca: pki.ca, clientId: 'cert-device', reconnectPeriod: 0, connectTimeout: 3000 };
+      await expect(
+        mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, { ...options, ...early }, false),
+      ).rejects.toThrow();
+
+      const current = pki.issueClient('cert-device');
+      const client = await mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, { ...options, ...current });
+      running.push({ close: () => void client.end(true) });
+      await client.publishAsync('devices/cert-device/telemetry', 'before', { qos: 1 });
+
+      // The device's key leaks: its certificate is revoked and the CRL file replaced.
+      pki.revoke(current.cert);
+      pki.writeCrl(crl);
+      expect(broker.refreshTls()).toEqual([]);
+      // A CRL is checked at the handshake: the link made before the revocation stays up (to cut
+      // it now, remove the device from broker.devices; see docs/operations.md).
+      await client.publishAsync('devices/cert-device/telemetry', 'still up', { qos: 1 });
+      await expect(
+        mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, { ...options, ...current }, false),
+      ).rejects.toThrow();
+      // A CRL file that is not one keeps the listener on the CRL it has, and says why.
+      writeFileSync(crl, 'not a CRL');
+      expect(broker.refreshTls()).toEqual([expect.stringMatching(/broker\.listeners\[0\].*crl/)]);
+      await expect(
+        mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, { ...options, ...current }, false),
+      ).rejects.toThrow();
+      const fresh = pki.issueClient('cert-device');
+      const again = await mqtt.connectAsync(`mqtts://127.0.0.1:${port}`, {
+        ...options,
+        ...fresh,
+      });
+      running.push({ close: () => void again.end(true) });
+      await again.publishAsync('devices/cert-device/telemetry', 'new certificate', { qos: 1 });
     });
 
     it('refuses anonymous clients on a TLS listener without client certificates, as on TCP', async () => {

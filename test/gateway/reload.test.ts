@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, describe, expect, it } from 'vitest';
 import { hashPassword } from '../../src/gateway/password-hash.js';
+import { createTestPki } from '../helpers/certs.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import { freePort } from '../helpers/ports.js';
 
@@ -266,6 +267,56 @@ describe('live config reload under traffic', () => {
       await waitFor('config_restart_required', restart);
       await a.publishAsync('devices/a/telemetry', 'same port', { qos: 1 });
       expect(closedA).toBe(0);
+      expect(await daemon.stop('SIGTERM')).toBe(0);
+    },
+  );
+
+  it(
+    'SIGHUP re-reads the TLS files: a new CRL applies, a broken one is refused and logged',
+    { timeout: 60_000 },
+    async () => {
+      const pki = createTestPki();
+      cleanup.push(() => pki.cleanup());
+      const dir = mkdtempSync(join(tmpdir(), 'gw-reload-tls-'));
+      const file = join(dir, 'gateway.yaml');
+      const crl = join(dir, 'devices.crl');
+      pki.writeCrl(crl);
+      const port = await freePort();
+      writeFileSync(
+        file,
+        [
+          `gateway: { id: reload-tls-gw, dataDir: ${JSON.stringify(join(dir, 'data'))}, log: { level: info } }`,
+          'broker:',
+          `  listeners: [{ type: tls, host: 127.0.0.1, port: ${port}, cert: ${pki.serverCert}, key: ${pki.serverKey}, ca: ${pki.caCert}, requireClientCert: true, crl: ${crl} }]`,
+          '  devices: [{ id: meter-1 }]',
+          'http: { enabled: false }',
+          '',
+        ].join('\n'),
+      );
+      const daemon = startDaemon(file);
+      cleanup.push(() => daemon.stop('SIGKILL'));
+      await daemon.ready;
+      const meter = pki.issueClient('meter-1');
+      const connect = () =>
+        mqtt.connectAsync(
+          `mqtts://127.0.0.1:${port}`,
+          { clientId: 'meter-1', ca: pki.ca, ...meter, reconnectPeriod: 0, connectTimeout: 3000 },
+          false,
+        );
+      (await connect()).end(true);
+
+      pki.revoke(meter.cert);
+      pki.writeCrl(crl);
+      daemon.proc.kill('SIGHUP');
+      await daemon.waitForLine((l) => l.msg === 'tls_files_reloaded');
+      await expect(connect()).rejects.toThrow();
+
+      writeFileSync(crl, 'garbage');
+      daemon.proc.kill('SIGHUP');
+      const failed = await daemon.waitForLine((l) => l.msg === 'tls_reload_failed');
+      expect(String(failed.error)).toMatch(/broker\.listeners\[0\].*\.crl/);
+      // The listener kept the CRL it had: the revoked certificate stays out.
+      await expect(connect()).rejects.toThrow();
       expect(await daemon.stop('SIGTERM')).toBe(0);
     },
   );

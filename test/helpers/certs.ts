@@ -14,6 +14,10 @@ export interface TestPki {
   /** Issues another server certificate for `dnsName` only (an impostor's, for a wrong host or CA). */
   issueServer(dnsName: string, options?: { signedByOtherCa?: boolean }): { cert: Buffer; key: Buffer };
   readonly ca: Buffer;
+  /** Revokes a certificate of the test CA; the next `writeCrl` lists it. */
+  revoke(cert: Buffer): void;
+  /** Writes the test CA's current CRL (PEM) to `path`. */
+  writeCrl(path: string): void;
   cleanup(): void;
 }
 
@@ -88,6 +92,26 @@ export function createTestPki(): TestPki {
     'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
   );
 
+  // `openssl ca` keeps what it revoked in index.txt; the CRL is made from it.
+  writeFileSync(p('index.txt'), '');
+  writeFileSync(p('crlnumber'), '1000\n');
+  writeFileSync(
+    p('ca.cnf'),
+    [
+      '[ ca ]',
+      'default_ca = test_ca',
+      '[ test_ca ]',
+      `database = ${p('index.txt')}`,
+      `crlnumber = ${p('crlnumber')}`,
+      `certificate = ${p('ca.crt')}`,
+      `private_key = ${p('ca.key')}`,
+      'default_md = sha256',
+      'default_crl_days = 2',
+      '',
+    ].join('\n'),
+  );
+  let revoked = 0;
+
   let clients = 0;
   return {
     dir,
@@ -111,6 +135,14 @@ export function createTestPki(): TestPki {
         `subjectAltName=DNS:${dnsName}\nextendedKeyUsage=serverAuth\n`,
       );
       return { cert: readFileSync(p(`${name}.crt`)), key: readFileSync(p(`${name}.key`)) };
+    },
+    revoke(cert) {
+      const file = p(`revoked-${revoked++}.crt`);
+      writeFileSync(file, cert);
+      openssl('ca', '-config', p('ca.cnf'), '-revoke', file);
+    },
+    writeCrl(path) {
+      openssl('ca', '-config', p('ca.cnf'), '-gencrl', '-out', path);
     },
     cleanup() {
       rmSync(dir, { recursive: true, force: true });
