@@ -26,6 +26,35 @@ import {
 const DEVICES = 2;
 const WINDOW = 16;
 
+/**
+ * A durability world whose daemon runs with the disk-full shim; `switches` names the shim's
+ * switch files (DF_SWITCH: no room to grow a file, DF_SYNC_EIO: syncs fail) inside the world's dir.
+ */
+async function shimmedWorld(
+  name: string,
+  switches: { DF_SWITCH?: string; DF_SYNC_EIO?: string },
+  cleanup: (() => Promise<unknown> | void)[],
+) {
+  const world = await startDurabilityWorld(name, DEVICES, cleanup);
+  const dataDir = join(world.dir, 'data');
+  const env: NodeJS.ProcessEnv = {
+    LD_PRELOAD: buildShim(world.dir, 'disk-full'),
+    DF_DIR: dataDir,
+    UV_USE_IO_URING: '0',
+  };
+  for (const [key, file] of Object.entries(switches)) env[key] = join(world.dir, file);
+  const daemon = startDaemon(world.configFile, env);
+  cleanup.push(() => daemon.stop('SIGKILL'));
+  await daemon.ready;
+  /** Each device connects and sends `count` more messages, or fewer if its link is closed. */
+  const publishMore = async (count: number) => {
+    for (const d of world.devices) d.client = await connectDevice(world.port, d, world.password);
+    await Promise.all(world.devices.map((d) => pump(d, d.next + count, WINDOW)));
+    for (const d of world.devices) d.client?.end(true);
+  };
+  return { ...world, dataDir, daemon, publishMore };
+}
+
 describe('durability: disk full while devices publish', () => {
   const cleanup: (() => Promise<unknown> | void)[] = [];
   afterAll(async () => {
@@ -36,30 +65,9 @@ describe('durability: disk full while devices publish', () => {
     'acknowledges nothing it could not write, stays up, and recovers when space is back',
     { timeout: 120_000 },
     async () => {
-      const { dir, port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
-        'diskfull',
-        DEVICES,
-        cleanup,
-      );
-      const dataDir = join(dir, 'data');
+      const { dir, port, password, devices, proxy, received, dataDir, daemon, publishMore } =
+        await shimmedWorld('diskfull', { DF_SWITCH: 'disk-is-full' }, cleanup);
       const full = join(dir, 'disk-is-full');
-      const shim = buildShim(dir, 'disk-full');
-      const daemon = startDaemon(configFile, {
-        LD_PRELOAD: shim,
-        DF_DIR: dataDir,
-        DF_SWITCH: full,
-        UV_USE_IO_URING: '0',
-      });
-      cleanup.push(() => daemon.stop('SIGKILL'));
-      await daemon.ready;
-
-      /** Each device connects and sends `count` more messages, or fewer if its link is closed. */
-
-      const publishMore = async (count: number) => {
-        for (const d of devices) d.client = await connectDevice(port, d, password);
-        await Promise.all(devices.map((d) => pump(d, d.next + count, WINDOW)));
-        for (const d of devices) d.client?.end(true);
-      };
 
       // The upstream is down: the queue grows on disk.
       await publishMore(400);
@@ -116,26 +124,9 @@ describe('durability: disk full while devices publish', () => {
     'a disk whose syncs fail (EIO) gets no PUBACK, and the daemon carries on once they work',
     { timeout: 120_000 },
     async () => {
-      const { dir, port, password, devices, configFile, proxy, received } = await startDurabilityWorld(
-        'synceio',
-        DEVICES,
-        cleanup,
-      );
-      const dataDir = join(dir, 'data');
+      const { dir, port, password, devices, proxy, received, dataDir, daemon, publishMore } =
+        await shimmedWorld('synceio', { DF_SYNC_EIO: 'syncs-fail' }, cleanup);
       const failing = join(dir, 'syncs-fail');
-      const daemon = startDaemon(configFile, {
-        LD_PRELOAD: buildShim(dir, 'disk-full'),
-        DF_DIR: dataDir,
-        DF_SYNC_EIO: failing,
-        UV_USE_IO_URING: '0',
-      });
-      cleanup.push(() => daemon.stop('SIGKILL'));
-      await daemon.ready;
-      const publishMore = async (count: number) => {
-        for (const d of devices) d.client = await connectDevice(port, d, password);
-        await Promise.all(devices.map((d) => pump(d, d.next + count, WINDOW)));
-        for (const d of devices) d.client?.end(true);
-      };
       await publishMore(200);
 
       writeFileSync(failing, '');
