@@ -165,6 +165,8 @@ export function createBroker(options: BrokerOptions): Broker {
    * it is neither committed nor acknowledged, and its device sends it again after the restart.
    */
   let draining = false;
+  /** QoS 2 messages taken from each client, by packet id (a new message with the id replaces it). */
+  const qos2Taken = new WeakMap<Client, Map<number, Promise<void>>>();
   /** QoS > 0 publishes being committed; close() waits for their PUBACKs before closing links. */
   let committing = 0;
   let onCommitted: (() => void) | undefined;
@@ -327,38 +329,34 @@ export function createBroker(options: BrokerOptions): Broker {
           return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
         }
         if (draining && packet.qos > 0) return;
-        const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
-        const pending = options.ingest({
-          deviceId: session.identity.id,
-          topic,
-          payload,
-          qos: packet.qos,
-          retain: packet.retain,
-        });
-        if (pending === null) {
-          stats.messagesIn++;
-          return done(null);
+        // QoS 2 is exactly once: a retransmission (DUP) of a message this device already sent
+        // under its packet id is answered when the first copy is durable, and not queued again.
+        const messageId = packet.qos === 2 ? packet.messageId : undefined;
+        if (messageId === undefined || client === null) {
+          ingestPublish(session, packet, done);
+          return;
         }
-        committing++;
-        pending
-          .then(
-            () => {
-              stats.messagesIn++;
-              // aedes writes the PUBACK inside this call (PUBREC after its own publish step).
-              done(null);
-            },
-            (err: unknown) => {
-              logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
-              // The error closes the link. PUBACKs aedes wrote a moment ago for this device's
-              // earlier messages of the same batch sit corked until the next tick (mqtt-packet
-              // writeToStream); closing now would discard them, and the device would send those
-              // committed messages again.
-              setImmediate(() => done(err instanceof Error ? err : new Error(errorMessage(err))));
-            },
-          )
-          .finally(() => {
-            if (--committing === 0) onCommitted?.();
-          });
+        let taken = qos2Taken.get(client);
+        if (taken === undefined) qos2Taken.set(client, (taken = new Map()));
+        const first = taken.get(messageId);
+        if (packet.dup && first !== undefined) {
+          first.then(
+            () => done(null),
+            (err: unknown) => done(asError(err)),
+          );
+          return;
+        }
+        const record = taken;
+        const ingestAndRecord = () => {
+          const pending = ingestPublish(session, packet, done);
+          if (pending !== undefined) record.set(messageId, pending);
+        };
+        if (!packet.dup) {
+          ingestAndRecord();
+          return;
+        }
+        // Sent before a reconnect (clean=false)? Then aedes still holds it, awaiting PUBREL.
+        aedesPersistence.incomingGetPacket(client, { messageId }).then(() => done(null), ingestAndRecord);
       } catch (err) {
         logger.error({ err, clientId: client?.id ?? null }, 'authorize_publish_failed');
         done(err instanceof Error ? err : new Error(errorMessage(err)));
@@ -529,6 +527,64 @@ export function createBroker(options: BrokerOptions): Broker {
   };
 
   const closeAedes = (): Promise<void> => new Promise((resolve) => aedes.close(() => resolve()));
+  /** aedes' own store of inbound QoS 2 packets awaiting PUBREL (its types leave it untyped). */
+  const aedesPersistence = (
+    aedes as unknown as {
+      persistence: { incomingGetPacket(client: Client, packet: { messageId: number }): Promise<unknown> };
+    }
+  ).persistence;
+
+  /**
+   * Queues a device's publish and calls `done` once it is durable (aedes then sends the PUBACK,
+   * or the PUBREC), or with the error that closes the link. Returns the commit, if there is one.
+   */
+  function ingestPublish(
+    session: Session,
+    packet: PublishPacket,
+    done: (err: Error | null) => void,
+  ): Promise<void> | undefined {
+    let pending: Promise<void> | null;
+    try {
+      const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload;
+      pending = options.ingest({
+        deviceId: session.identity.id,
+        topic: packet.topic,
+        payload,
+        qos: packet.qos,
+        retain: packet.retain,
+      });
+    } catch (err) {
+      logger.error({ err, clientId: session.identity.id }, 'authorize_publish_failed');
+      done(asError(err));
+      return undefined;
+    }
+    if (pending === null) {
+      stats.messagesIn++;
+      done(null);
+      return undefined;
+    }
+    committing++;
+    pending
+      .then(
+        () => {
+          stats.messagesIn++;
+          // aedes writes the PUBACK inside this call (PUBREC after its own publish step).
+          done(null);
+        },
+        (err: unknown) => {
+          logger.error({ err, clientId: session.identity.id, topic: packet.topic }, 'ingest_failed');
+          // The error closes the link. PUBACKs aedes wrote a moment ago for this device's
+          // earlier messages of the same batch sit corked until the next tick (mqtt-packet
+          // writeToStream); closing now would discard them, and the device would send those
+          // committed messages again.
+          setImmediate(() => done(asError(err)));
+        },
+      )
+      .finally(() => {
+        if (--committing === 0) onCommitted?.();
+      });
+    return pending;
+  }
 
   /**
    * Graceful stop (R3): no new QoS > 0 publish is taken; those already being committed get their
@@ -725,4 +781,8 @@ function createActivityThrottle(activity: ActivityLog, logger: Logger, windowMs:
       slots.clear();
     },
   };
+}
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(errorMessage(err));
 }

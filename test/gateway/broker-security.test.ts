@@ -225,6 +225,28 @@ describe('broker security: authentication', () => {
     expect(await connackCode(port, connectPacket('sensor-1', { username: 'sensor-1' }))).toBe(4);
   });
 
+  it('S4: answers odd CONNECT fields without an exception: 64 KiB ids, empty or binary credentials', async () => {
+    const { port, logLines } = await startBroker();
+    const huge = 'd'.repeat(65_000); // the most a 2-byte length allows, nearly
+    // A client id and a username of about 64 KiB each (the packet stays under maxPacketSize).
+    expect(
+      await connackCode(port, connectPacket(huge, { username: huge, password: Buffer.from('x') })),
+    ).not.toBe(0);
+    // An empty username with a password; a password that is not UTF-8.
+    expect(
+      await connackCode(port, connectPacket('sensor-1', { username: '', password: Buffer.from('x') })),
+    ).not.toBe(0);
+    expect(
+      await connackCode(
+        port,
+        connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from([0xff, 0xfe, 0x00, 0xc3]) }),
+      ),
+    ).toBe(4);
+    // None of it escaped a hook, and the device with good credentials still gets in.
+    expect(logLines.some((l) => /authenticate_failed|uncaught/.test(l))).toBe(false);
+    await stillServes(await device(port, 'sensor-1'), 'sensor-1');
+  });
+
   it('aggregates an auth failure flood into one row per second per address, with the count', async () => {
     const { port, activity, broker } = await startBroker({ activityWindowMs: 300 });
     for (let i = 0; i < 5; i++) {
@@ -476,6 +498,39 @@ describe('broker security: packets', () => {
     // Bounded: it never got a PUBREC past aedes' limit of 1,000 messages awaiting PUBREL.
     expect(abuser.packets.filter((p) => p.cmd === 'pubrec').length).toBeLessThanOrEqual(1000);
     await stillServes(other, 'sensor-2');
+  });
+
+  it('S14: a QoS 2 message repeated with its id is taken once; a PUBREL for an unknown id changes nothing', async () => {
+    const { port, ingested } = await startBroker();
+    const c = await raw(port);
+    c.send(login('sensor-1'));
+    await c.next('connack');
+    const publish = (dup: boolean) =>
+      c.send({
+        cmd: 'publish',
+        topic: 'devices/sensor-1/telemetry',
+        payload: Buffer.from('once'),
+        qos: 2,
+        messageId: 42,
+        retain: false,
+        dup,
+      });
+    publish(false);
+    await c.next('pubrec');
+    // The device did not see the PUBREC and sends the message again, five times.
+    for (let i = 0; i < 5; i++) {
+      publish(true);
+      await c.next('pubrec');
+    }
+    c.send({ cmd: 'pubrel', messageId: 42 });
+    await c.next('pubcomp');
+    // PUBRELs for ids that were never published, or already released.
+    for (const messageId of [42, 7, 65_535]) {
+      c.send({ cmd: 'pubrel', messageId });
+      await c.next('pubcomp');
+    }
+    expect(ingested.map((m) => m.payload.toString())).toEqual(['once']);
+    expect(c.isClosed).toBe(false);
   });
 
   it('survives a 201-level topic, a __proto__ client id and the aedes #612 CONNECT bytes', async () => {
