@@ -356,7 +356,7 @@ export function createBroker(options: BrokerOptions): Broker {
           return;
         }
         // Sent before a reconnect (clean=false)? Then aedes still holds it, awaiting PUBREL.
-        aedesPersistence.incomingGetPacket(client, { messageId }).then(() => done(null), ingestAndRecord);
+        awaitingPubrel(client, messageId).then(() => done(null), ingestAndRecord);
       } catch (err) {
         logger.error({ err, clientId: client?.id ?? null }, 'authorize_publish_failed');
         done(err instanceof Error ? err : new Error(errorMessage(err)));
@@ -527,12 +527,16 @@ export function createBroker(options: BrokerOptions): Broker {
   };
 
   const closeAedes = (): Promise<void> => new Promise((resolve) => aedes.close(() => resolve()));
-  /** aedes' own store of inbound QoS 2 packets awaiting PUBREL (its types leave it untyped). */
-  const aedesPersistence = (
-    aedes as unknown as {
-      persistence: { incomingGetPacket(client: Client, packet: { messageId: number }): Promise<unknown> };
-    }
-  ).persistence;
+  /**
+   * Whether aedes holds an inbound QoS 2 packet of this client id awaiting PUBREL (its types
+   * leave the persistence untyped; it is there once the broker listens).
+   */
+  const awaitingPubrel = (client: Client, messageId: number): Promise<unknown> =>
+    (
+      aedes as unknown as {
+        persistence: { incomingGetPacket(client: Client, packet: { messageId: number }): Promise<unknown> };
+      }
+    ).persistence.incomingGetPacket(client, { messageId });
 
   /**
    * Queues a device's publish and calls `done` once it is durable (aedes then sends the PUBACK,

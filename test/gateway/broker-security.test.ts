@@ -531,6 +531,34 @@ describe('broker security: packets', () => {
     }
     expect(ingested.map((m) => m.payload.toString())).toEqual(['once']);
     expect(c.isClosed).toBe(false);
+    c.socket.destroy();
+
+    // A persistent session: the link drops after the PUBREC, the device reconnects and resends.
+    const persistent = { clean: false };
+    const before = await raw(port);
+    before.send(login('sensor-1', persistent));
+    await before.next('connack');
+    const resendable = (dup: boolean): Packet => ({
+      cmd: 'publish',
+      topic: 'devices/sensor-1/telemetry',
+      payload: Buffer.from('across a reconnect'),
+      qos: 2,
+      messageId: 9,
+      retain: false,
+      dup,
+    });
+    before.send(resendable(false));
+    await before.next('pubrec');
+    before.socket.destroy();
+    await before.closed;
+    const after = await raw(port);
+    after.send(login('sensor-1', persistent));
+    expect(await after.next('connack')).toMatchObject({ returnCode: 0 });
+    after.send(resendable(true));
+    await after.next('pubrec');
+    after.send({ cmd: 'pubrel', messageId: 9 });
+    await after.next('pubcomp');
+    expect(ingested.map((m) => m.payload.toString())).toEqual(['once', 'across a reconnect']);
   });
 
   it('survives a 201-level topic, a __proto__ client id and the aedes #612 CONNECT bytes', async () => {
