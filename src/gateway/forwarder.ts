@@ -83,9 +83,11 @@ interface Cursor {
  * in order and devices without backlog are not starved behind a large one.
  *
  * Poison rows: a non-retryable failure (too large, not authorised) dead-letters the row and
- * the queue moves on. A lost link counts an attempt on the oldest in-flight row only (the one
- * a broker that disconnects on a bad publish most likely choked on), so rows that merely rode
- * along on a flapping link are not blamed; a row that reaches maxAttempts is dead-lettered.
+ * the queue moves on. A broker that drops the link on a bad publish says nothing about which
+ * one it was, and may drop the PUBACKs of good rows it took in the same read. So a lost link
+ * counts an attempt on a row only when it was the one row in flight; when several were, none
+ * is blamed, and the rows up to the newest of them are sent again one at a time (probing),
+ * where the bad one is caught alone. A row that reaches maxAttempts is dead-lettered.
  */
 export function createForwarder(options: ForwarderOptions): Forwarder {
   const { outbox, provider, supervisor, integrationId, activity } = options;
@@ -106,6 +108,8 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
   let delivered = 0;
   let lastAckAt: number | null = null;
   let consecutiveFailures = 0;
+  /** Rows up to this id go out one at a time, after a link lost with several in flight (0: off). */
+  let probeTo = 0;
 
   let pendingAcks: number[] = [];
   let ackTimer: NodeJS.Timeout | undefined;
@@ -166,9 +170,12 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     if (!active) return;
     active = false;
     epoch++;
-    if (countAttemptOnOldest && inflight.size > 0) {
-      const oldest = Math.min(...inflight.keys());
-      safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [oldest]));
+    if (countAttemptOnOldest && inflight.size === 1) {
+      const [only] = inflight.keys();
+      safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [only!]));
+    } else if (countAttemptOnOldest && inflight.size > 1) {
+      probeTo = Math.max(probeTo, ...inflight.keys());
+      logger.info({ inflight: inflight.size, probeTo }, 'deliver_probing');
     }
     inflight.clear();
     backlog = undefined;
@@ -249,7 +256,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
 
   function pumpOnce(): void {
     if (!active || stopping || pumpTimer !== undefined) return;
-    const window = Math.max(1, Math.min(limits.inflight, provider.maxInflight));
+    const window = probeTo > 0 ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
     const budget = { rows: SCAN_BUDGET };
     while (active && inflight.size < window) {
       const wait = limiter.peek();
@@ -304,6 +311,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     // A late ack of an older epoch still means the cloud has the row: delete it.
     if (sentIn === epoch) inflight.delete(row.id);
     consecutiveFailures = 0;
+    if (row.id >= probeTo) probeTo = 0; // past every row that was in flight at the loss
     lastFailure.delete(row.id);
     delivered++;
     lastAckAt = now();

@@ -1,9 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { connect as connectTcp } from 'node:net';
+import { connect as connectTcp, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer as createTlsServer } from 'node:tls';
+import { Aedes } from 'aedes';
 import { connectAsync } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { configSchema } from '../../src/config/schema.js';
@@ -321,6 +322,60 @@ describe('forwarder', () => {
     await until(() => obs.got.length === 1);
     expect(obs.got).toEqual(['r:1']);
     expect(h.outbox.stats(h.integrationId).deadLetters).toBe(1);
+  });
+
+  it('R6: an upstream that drops the link on one message dead-letters it after maxAttempts, no reconnect storm', async () => {
+    h = await setUp();
+    // An upstream that, like AWS IoT on a publish its policy refuses, closes the connection.
+    const upstreamBroker = await Aedes.createBroker({
+      authorizePublish(_client, packet, done) {
+        done(packet.topic.includes('/forbidden/') ? new Error('not authorised') : null);
+      },
+    });
+    const server = createNetServer(upstreamBroker.handle);
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    h.cleanups.push(
+      () =>
+        new Promise<void>((resolve) => {
+          upstreamBroker.close(() => server.close(() => resolve()));
+        }),
+    );
+    let connects = 0;
+    upstreamBroker.on('client', () => connects++);
+    const got: string[] = [];
+    upstreamBroker.on('publish', (packet, client) => {
+      if (client) got.push(packet.payload.toString());
+    });
+    const port = (server.address() as { port: number }).port;
+
+    const { supervisor, forwarder } = pipeline({
+      settings: { url: `mqtt://127.0.0.1:${port}` },
+      queue: { maxAttempts: 3 },
+    });
+    await enqueue('ok', 0);
+    await enqueue('forbidden', 0);
+    for (let i = 1; i < 5; i++) await enqueue('ok', i);
+    supervisor.start();
+    forwarder.start();
+    await until(() => depth() === 0, 30_000);
+    expect(h.outbox.stats(h.integrationId).deadLetters).toBe(1);
+    const letter = h.store.db
+      .prepare('SELECT topic, attempts FROM dead_letters WHERE integration_id = ?')
+      .get(h.integrationId) as {
+      topic: string;
+      attempts: number;
+    };
+    expect(letter).toEqual({ topic: 'devices/forbidden/telemetry', attempts: 3 });
+    expect([...new Set(got)].filter((p) => p.startsWith('ok:')).sort()).toEqual([
+      'ok:0',
+      'ok:1',
+      'ok:2',
+      'ok:3',
+      'ok:4',
+    ]);
+    // The first loss, with several rows in flight, blames none of them; then one connection per
+    // attempt of the row sent alone, and one after its dead letter: bounded by maxAttempts.
+    expect(connects).toBeLessThanOrEqual(3 + 2);
   });
 
   it('recovers from a blackholed upstream link and resends what was in flight', async () => {
