@@ -85,9 +85,11 @@ interface Cursor {
  * Poison rows: a non-retryable failure (too large, not authorised) dead-letters the row and
  * the queue moves on. A broker that drops the link on a bad publish says nothing about which
  * one it was, and may drop the PUBACKs of good rows it took in the same read. So a lost link
- * counts an attempt on a row only when it was the one row in flight; when several were, none
- * is blamed, and the rows up to the newest of them are sent again one at a time (probing),
- * where the bad one is caught alone. A row that reaches maxAttempts is dead-lettered.
+ * counts an attempt on a row only when it was the one row in flight. When several were, none is
+ * blamed; if the link is then lost again with the same oldest row still unacknowledged, the rows
+ * up to the newest in flight are sent one at a time (probing), where the bad one is caught
+ * alone. An ordinary outage loses the link once and costs no probing. A row that reaches
+ * maxAttempts is dead-lettered.
  */
 export function createForwarder(options: ForwarderOptions): Forwarder {
   const { outbox, provider, supervisor, integrationId, activity } = options;
@@ -110,6 +112,8 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
   let consecutiveFailures = 0;
   /** Rows up to this id go out one at a time, after a link lost with several in flight (0: off). */
   let probeTo = 0;
+  /** The oldest row in flight when the link was last lost with several in flight (0: none). */
+  let suspect = 0;
 
   let pendingAcks: number[] = [];
   let ackTimer: NodeJS.Timeout | undefined;
@@ -174,8 +178,12 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       const [only] = inflight.keys();
       safely('mark_attempt_failed', () => outbox.markAttempt(integrationId, [only!]));
     } else if (countAttemptOnOldest && inflight.size > 1) {
-      probeTo = Math.max(probeTo, ...inflight.keys());
-      logger.info({ inflight: inflight.size, probeTo }, 'deliver_probing');
+      const oldest = Math.min(...inflight.keys());
+      if (oldest === suspect) {
+        probeTo = Math.max(probeTo, ...inflight.keys());
+        suspect = 0;
+        logger.info({ inflight: inflight.size, probeTo }, 'deliver_probing');
+      } else suspect = oldest;
     }
     inflight.clear();
     backlog = undefined;
@@ -312,6 +320,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     if (sentIn === epoch) inflight.delete(row.id);
     consecutiveFailures = 0;
     if (row.id >= probeTo) probeTo = 0; // past every row that was in flight at the loss
+    if (row.id === suspect) suspect = 0;
     lastFailure.delete(row.id);
     delivered++;
     lastAckAt = now();

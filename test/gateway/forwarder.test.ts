@@ -366,6 +366,7 @@ describe('forwarder', () => {
       attempts: number;
     };
     expect(letter).toEqual({ topic: 'devices/forbidden/telemetry', attempts: 3 });
+    expect(h.logs.some((l) => l.msg === 'deliver_probing')).toBe(true);
     expect([...new Set(got)].filter((p) => p.startsWith('ok:')).sort()).toEqual([
       'ok:0',
       'ok:1',
@@ -373,9 +374,9 @@ describe('forwarder', () => {
       'ok:3',
       'ok:4',
     ]);
-    // The first loss, with several rows in flight, blames none of them; then one connection per
-    // attempt of the row sent alone, and one after its dead letter: bounded by maxAttempts.
-    expect(connects).toBeLessThanOrEqual(3 + 2);
+    // Two losses with several rows in flight blame none of them (the second starts probing);
+    // then one connection per attempt of the row sent alone, and one after its dead letter.
+    expect(connects).toBeLessThanOrEqual(3 + 3);
   });
 
   it('recovers from a blackholed upstream link and resends what was in flight', async () => {
@@ -396,6 +397,8 @@ describe('forwarder', () => {
     await until(() => new Set(obs.got).size === 50);
     assertPerDeviceOrder(obs.got);
     expect(forwarder.delivered).toBeGreaterThanOrEqual(50);
+    // One lost link is an ordinary outage: the window stays open (no one-at-a-time probing).
+    expect(h.logs.some((l) => l.msg === 'deliver_probing')).toBe(false);
   });
 
   it('S21: keeps every row queued while the upstream shows a wrong-host or untrusted certificate', async () => {
