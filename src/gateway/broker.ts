@@ -359,7 +359,7 @@ export function createBroker(options: BrokerOptions): Broker {
         awaitingPubrel(client, messageId).then(() => done(null), ingestAndRecord);
       } catch (err) {
         logger.error({ err, clientId: client?.id ?? null }, 'authorize_publish_failed');
-        done(err instanceof Error ? err : new Error(errorMessage(err)));
+        done(asError(err));
       }
     },
 
