@@ -26,6 +26,12 @@ export const ErrorCodes = {
   PROVIDER_NOT_CONNECTED: 'GW_ERR_PROVIDER_NOT_CONNECTED',
   PROVIDER_CLOSED: 'GW_ERR_PROVIDER_CLOSED',
   PROVIDER_UNSUPPORTED: 'GW_ERR_PROVIDER_UNSUPPORTED',
+  /** The cloud asked us to slow down (MQTT 5 PUBACK 0x97, HTTP 429, Azure 429002): wait, never a failure. */
+  PROVIDER_THROTTLED: 'GW_ERR_PROVIDER_THROTTLED',
+  /** One child device's cloud link is down or refused: park that device's rows only. */
+  PROVIDER_DEVICE_UNAVAILABLE: 'GW_ERR_PROVIDER_DEVICE_UNAVAILABLE',
+  /** The provider replaces its link on purpose (credential renewal): not a failure. */
+  PROVIDER_PLANNED_RECONNECT: 'GW_ERR_PROVIDER_PLANNED_RECONNECT',
   INTEGRATION_UNKNOWN: 'GW_ERR_INTEGRATION_UNKNOWN',
   CENTRAL_CONNECT: 'GW_ERR_CENTRAL_CONNECT',
   CENTRAL_AUTH: 'GW_ERR_CENTRAL_AUTH',

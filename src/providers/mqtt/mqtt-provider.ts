@@ -344,7 +344,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
         if (err || refused.length > 0) {
           // Outbound still works without the inbound subscription, so the link stays up.
           logger.warn({ err: err?.message, refused }, 'subscribe_failed');
-          context.activity.record({
+          context.activity?.record({
             integrationId: context.integration.id,
             activityType: 'subscribe',
             direction: 'incoming',
