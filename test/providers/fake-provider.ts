@@ -26,6 +26,8 @@ import {
 export interface FakeCloud {
   /** Every publish that reached the cloud (acknowledged or not), in arrival order. */
   readonly received: readonly OutboundMessage[];
+  /** performance.now() of each arrival in `received`. */
+  readonly receivedAt: readonly number[];
   /** Publishes the cloud acknowledged, in ack order. */
   readonly published: readonly OutboundMessage[];
   /** Local presence the provider was told about, in order. */
@@ -91,6 +93,7 @@ interface Pending {
 
 export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
   const received: OutboundMessage[] = [];
+  const receivedAt: number[] = [];
   const published: OutboundMessage[] = [];
   const presence: { deviceId: string; online: boolean }[] = [];
   const connectAttempts: number[] = [];
@@ -225,6 +228,7 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
           );
         }
         received.push(message);
+        receivedAt.push(performance.now());
         if (dropOn?.(message)) {
           const result = Promise.reject(notConnected('the fake cloud dropped the link on this message'));
           queueMicrotask(() => endLink(notConnected('the fake cloud dropped the link'), lostError()));
@@ -278,6 +282,9 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
   const cloud: FakeCloud = {
     get received() {
       return received;
+    },
+    get receivedAt() {
+      return receivedAt;
     },
     get published() {
       return published;
