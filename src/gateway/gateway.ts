@@ -9,6 +9,7 @@ import { createProvider } from '../providers/registry.js';
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
 import { openStore, type Store } from '../store/database.js';
 import { createOutbox } from '../store/outbox.js';
+import { createReportedState, type ReportedState } from '../store/reported-state.js';
 import type { Outbox } from '../store/outbox-types.js';
 import type { Replicator } from '../store/replicator.js';
 import { createRetention } from '../store/retention.js';
@@ -21,6 +22,7 @@ import { watchFailures } from './failure-alerts.js';
 import { createForwarder, type Forwarder } from './delivery/forwarder.js';
 import { createHttpServer, type HttpServer } from './http/http-server.js';
 import { createIngest, type Ingest } from './delivery/ingest.js';
+import { createProviderContext } from './provider-context.js';
 import type { Metrics } from './http/metrics.js';
 import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { scheduleJob, type ScheduledJob } from './schedules.js';
@@ -74,6 +76,8 @@ const WAL_CHECK_INTERVAL_MS = 30_000;
 const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 /** Below this much free space in dataDir the store counts as not writable (/readyz fails). */
 const MIN_FREE_BYTES = 16 * 1024 * 1024;
+/** Device ids seen connecting that knownDevices() remembers, at most. */
+const MAX_SEEN_DEVICES = 100_000;
 
 export function createGateway(options: GatewayOptions): Gateway {
   const { logger, configFile } = options;
@@ -90,7 +94,10 @@ export function createGateway(options: GatewayOptions): Gateway {
   let store: Store | undefined;
   let activity: ActivityLog | undefined;
   let outbox: Outbox | undefined;
+  let reportedState: ReportedState | undefined;
   let ingest: Ingest | undefined;
+  /** Device ids seen connecting since start, for providers' knownDevices(). */
+  const seenDevices = new Set<string>();
   let broker: Broker | undefined;
   let http: HttpServer | undefined;
   let replicator: Replicator | undefined;
@@ -120,12 +127,16 @@ export function createGateway(options: GatewayOptions): Gateway {
       integrationId: integration.id,
       integration: integration.name,
     });
-    const provider = createProvider({
-      gatewayId: config.gateway.id,
-      integration,
-      logger: log,
-      activity: started.activity,
-    });
+    const provider = createProvider(
+      createProviderContext({
+        gatewayId: config.gateway.id,
+        integration,
+        logger: log,
+        activity: started.activity,
+        knownDevices,
+        reportedState: () => reportedState?.all() ?? new Map(),
+      }),
+    );
     provider.onCommand((message) => {
       started.broker
         .publish(message)
@@ -161,9 +172,31 @@ export function createGateway(options: GatewayOptions): Gateway {
     };
     scheduleSync(runtime, log);
     integrations.set(integration.id, runtime);
+    for (const device of started.broker.connectedDevices()) tellPresence(provider, device.id, true);
     supervisor.start();
     forwarder.start();
     log.info({ type: integration.type }, 'integration_started');
+  }
+
+  /** Configured device ids, and those seen connecting or reporting state. */
+  function knownDevices(): string[] {
+    const ids = new Set(config.broker.devices.map((d) => d.id));
+    for (const id of seenDevices) ids.add(id);
+    for (const id of reportedState?.all().keys() ?? []) ids.add(id);
+    return [...ids];
+  }
+
+  function tellPresence(provider: Provider, deviceId: string, online: boolean): void {
+    try {
+      provider.onDevicePresence?.(deviceId, online);
+    } catch (err) {
+      logger.error({ err, deviceId }, 'device_presence_failed');
+    }
+  }
+
+  function onPresence(deviceId: string, online: boolean): void {
+    if (online && seenDevices.size < MAX_SEEN_DEVICES) seenDevices.add(deviceId);
+    for (const runtime of integrations.values()) tellPresence(runtime.provider, deviceId, online);
   }
 
   /** (Re)creates the integration's sync schedule from its current config. */
@@ -363,10 +396,12 @@ export function createGateway(options: GatewayOptions): Gateway {
         activity,
         syncWal: store.syncWal,
       });
+      reportedState = createReportedState({ db: store.db, logger: logger.child({ component: 'state' }) });
       ingest = createIngest({
         outbox,
         logger: logger.child({ component: 'ingest' }),
         integrations: config.integrations,
+        reportedState,
       });
       const ingestRef = ingest;
       broker = createBroker({
@@ -376,6 +411,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         logger: logger.child({ component: 'broker' }),
         activity,
         ingest: (message) => ingestRef.accept(message),
+        onPresence,
       });
       stopWake = outbox.onEnqueue((ids) => {
         for (const id of ids) integrations.get(id)?.forwarder.wake();
@@ -509,6 +545,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('wake', () => stopWake?.());
     await step('alerts', () => stopAlerts?.());
     await step('outbox', () => outbox?.close());
+    await step('reported state', () => reportedState?.close());
     await step('activity', () =>
       activity?.record({
         activityType: 'gateway_stopped',

@@ -1,7 +1,6 @@
 import type { IntegrationConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import type { ActivityLog } from '../store/activity-log.js';
 import type { OutboundMessage } from '../common/outbound-message.js';
 
 export type { OutboundMessage };
@@ -51,11 +50,9 @@ export interface ProviderContext {
   /** Child logger carrying `component` and `integrationId`. */
   logger: Logger;
   /**
-   * @deprecated providers report through `report`; removed once every provider has moved
-   * (the provider platform issue: providers do not import store/).
+   * Records a provider event as an activity row of this integration. Never throws. Providers
+   * report through it (they do not import src/store/); absent in some unit tests.
    */
-  activity?: ActivityLog;
-  /** Records a provider event as an activity row. Never throws. */
   report?(event: ProviderEvent): void;
   /** The local device ids the gateway knows (configured and seen), for import matching. */
   knownDevices?(): readonly string[];

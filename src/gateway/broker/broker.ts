@@ -55,6 +55,11 @@ export interface BrokerOptions {
    * aedes closes that connection (default 30 s); other devices are served meanwhile.
    */
   drainTimeoutMs?: number;
+  /**
+   * Local presence: a client finished its CONNECT (true) or its current session ended (false).
+   * A session replaced by a newer one of the same client id reports no "offline". Must not throw.
+   */
+  onPresence?: (clientId: string, online: boolean) => void;
 }
 
 export interface BrokerStats {
@@ -387,15 +392,27 @@ export function createBroker(options: BrokerOptions): Broker {
     },
   });
 
+  const presence = (clientId: string, online: boolean) => {
+    try {
+      options.onPresence?.(clientId, online);
+    } catch (err) {
+      logger.error({ err, clientId }, 'presence_listener_failed');
+    }
+  };
+
   aedes.on('clientReady', (client) => {
     const session = sessions.get(client);
     if (!session) return;
     session.connectedAt = Date.now();
     connected.set(client.id, session);
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
+    presence(client.id, true);
   });
   aedes.on('clientDisconnect', (client) => {
-    if (connected.get(client.id)?.client === client) connected.delete(client.id);
+    if (connected.get(client.id)?.client === client) {
+      connected.delete(client.id);
+      presence(client.id, false);
+    }
     const identity = sessions.get(client)?.identity;
     if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);
     logger.info({ clientId: client.id }, 'device_disconnected');

@@ -345,8 +345,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
         if (err || refused.length > 0) {
           // Outbound still works without the inbound subscription, so the link stays up.
           logger.warn({ err: err?.message, refused }, 'subscribe_failed');
-          context.activity?.record({
-            integrationId: context.integration.id,
+          context.report?.({
             activityType: 'subscribe',
             direction: 'incoming',
             status: 'failed',

@@ -66,7 +66,7 @@ function supervise(
     ],
   }).integrations[0]!;
   const logger = createCaptureLogger(h.logs).child({ integrationId: integration.id });
-  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
+  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger });
   const supervisor = createConnectionSupervisor({
     provider,
     logger,

@@ -107,7 +107,7 @@ function pipeline(
     ],
   }).integrations[0]!;
   const logger = h.logger.child({ integrationId: h.integrationId });
-  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
+  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger });
   const supervisor = createConnectionSupervisor({
     provider,
     logger,
