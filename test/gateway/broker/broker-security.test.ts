@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import mqtt, { type MqttClient } from 'mqtt';
 import mqttPacket, { type Packet } from 'mqtt-packet';
 import { describe, expect, it } from 'vitest';
@@ -529,6 +530,22 @@ describe('broker security: packets', () => {
     ).toBe(2);
     expect(broker.stats.authFailures).toBe(0);
     expect(await connackCode(port, login('sensor-1', { keepalive: 30 }))).toBe(0);
+  });
+
+  it('turns TCP keepalive on for accepted sockets, so a keepalive-0 client that vanished is found', async () => {
+    const { port } = await startBroker();
+    const c = await raw(port);
+    c.send(login('sensor-1', { keepalive: 0 }));
+    expect(await c.next('connack')).toMatchObject({ returnCode: 0 });
+    // /proc/net/tcp: the broker's end of the connection (local port = the listener's, state 01
+    // established) runs the keepalive timer (`tr` 02) while idle; without SO_KEEPALIVE it is 00.
+    const hex = port.toString(16).toUpperCase().padStart(4, '0');
+    const timers = readFileSync('/proc/net/tcp', 'utf8')
+      .split('\n')
+      .map((line) => line.trim().split(/\s+/))
+      .filter((f) => f[1]?.endsWith(`:${hex}`) && f[3] === '01')
+      .map((f) => f[5]!.split(':')[0]);
+    expect(timers).toEqual(['02']);
   });
 
   it('applies keepaliveLimit and allowKeepaliveZero from a reload to the next CONNECT', async () => {
