@@ -78,10 +78,16 @@ export interface ProviderLimits {
  *   one device when `deviceId` is given, else the whole link;
  * - GW_ERR_PROVIDER_DEVICE_UNAVAILABLE (`deviceUnavailable()`): park that device's rows only,
  *   for `retryAfterMs`; the other devices keep flowing; no attempt counted;
+ * - GW_ERR_PROVIDER_NOT_CONNECTED: the link is gone (a publish before connect, or pending
+ *   when the link is lost); the rows are sent again after the reconnect;
  * - any other retryable error: try again later, counted as an attempt.
  * `onDisconnect` with GW_ERR_PROVIDER_PLANNED_RECONNECT (`plannedReconnect()`) is a replacement
  * of the link the provider chose (credential renewal): the supervisor reconnects at once (after
- * `limits.minReconnectDelayMs`), and in-flight rows go back to the queue uncounted.
+ * `limits.minReconnectDelayMs`), and in-flight rows go back to the queue uncounted. Publishes
+ * still pending then either settle (acknowledged on the old link) or reject with that same
+ * planned error, never with GW_ERR_PROVIDER_NOT_CONNECTED (which may count an attempt).
+ *
+ * test/providers/contract.ts checks these promises; every provider runs it.
  */
 export interface Provider {
   /** Opens the streaming connection; resolves once the cloud accepted it (CONNACK). */
