@@ -57,10 +57,11 @@ export interface BrokerOptions {
    */
   drainTimeoutMs?: number;
   /**
-   * Local presence: a client finished its CONNECT (true) or its current session ended (false).
-   * A session replaced by a newer one of the same client id reports no "offline". Must not throw.
+   * Local presence, by device id (the id its rows carry): a client finished its CONNECT (true)
+   * or its current session ended (false). A takeover by the same client id may report offline
+   * then online; a session that ends after a newer one took its place reports nothing.
    */
-  onPresence?: (clientId: string, online: boolean) => void;
+  onPresence?: (deviceId: string, online: boolean) => void;
 }
 
 export interface BrokerStats {
@@ -449,11 +450,11 @@ export function createBroker(options: BrokerOptions): Broker {
     },
   });
 
-  const presence = (clientId: string, online: boolean) => {
+  const presence = (session: Session, online: boolean) => {
     try {
-      options.onPresence?.(clientId, online);
+      options.onPresence?.(session.identity.id, online);
     } catch (err) {
-      logger.error({ err, clientId }, 'presence_listener_failed');
+      logger.error({ err, clientId: session.client.id }, 'presence_listener_failed');
     }
   };
 
@@ -463,12 +464,13 @@ export function createBroker(options: BrokerOptions): Broker {
     session.connectedAt = Date.now();
     connected.set(client.id, session);
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
-    presence(client.id, true);
+    presence(session, true);
   });
   aedes.on('clientDisconnect', (client) => {
-    if (connected.get(client.id)?.client === client) {
+    const current = connected.get(client.id);
+    if (current?.client === client) {
       connected.delete(client.id);
-      presence(client.id, false);
+      presence(current, false);
     }
     const identity = sessions.get(client)?.identity;
     if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);

@@ -695,6 +695,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       pollTimer.unref();
       reportTimer = setInterval(flushReport, DELIVER_REPORT_MS);
       reportTimer.unref();
+      scheduleUnpark();
       if (supervisor.state === 'connected') beginEpoch();
     },
     async stop() {
