@@ -25,8 +25,12 @@ export function createQuotaLimiter(options: QuotaLimiterOptions): RateLimiter {
   let times: number[] = [];
   let next = 0;
 
+  let current = -1;
   const configure = (perSecond: number) => {
     const rate = Math.max(0, perSecond);
+    // The same rate again (every reconnect reads the provider's limits) keeps the history.
+    if (rate === current) return;
+    current = rate;
     slots = rate === 0 ? 0 : Math.min(MAX_SLOTS, Math.max(1, Math.floor(rate)));
     windowMs = rate === 0 ? 0 : (1000 * slots) / rate;
     times = [];
