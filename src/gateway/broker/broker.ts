@@ -220,7 +220,7 @@ export function createBroker(options: BrokerOptions): Broker {
       'auth_failed',
       remoteAddress,
       { clientId, remoteAddress, reason },
-      'GW_ERR_AUTH_FAILED',
+      ErrorCodes.AUTH_FAILED,
       `connection refused: ${reason}`,
     );
   };
