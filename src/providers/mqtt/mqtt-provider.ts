@@ -1,6 +1,7 @@
 import type { IPublishPacket } from 'mqtt';
 import { ErrorCodes, GatewayError, errorMessage, toGatewayError } from '../../errors.js';
-import { matchTopic, expandTemplate } from '../../gateway/topic-match.js';
+import { matchTopic } from '../../common/topic-match.js';
+import { expandTemplate } from '../../common/topic-template.js';
 import type { Logger } from '../../logger.js';
 import { redactUrl } from '../../logger.js';
 import { DEFAULT_MAX_INFLIGHT, openMqttLink, type MqttLink, type MqttSubscription } from '../mqtt-link.js';
