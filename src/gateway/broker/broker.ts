@@ -5,6 +5,7 @@ import type { Duplex } from 'node:stream';
 import type { Config } from '../../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
+import { createFloodReporter, latestEvent } from '../../common/flood-reporter.js';
 import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
 import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
@@ -247,7 +248,7 @@ export function createBroker(options: BrokerOptions): Broker {
       'auth_failed',
       remoteAddress,
       { clientId, remoteAddress, reason },
-      'GW_ERR_AUTH_FAILED',
+      ErrorCodes.AUTH_FAILED,
       `connection refused: ${reason}`,
     );
   };
@@ -801,65 +802,28 @@ interface ActivityThrottle {
  * flood: at most one row per second per type and remote address, carrying how many it stands for.
  */
 function createActivityThrottle(activity: ActivityLog, logger: Logger, windowMs: number): ActivityThrottle {
-  interface Slot {
-    lastAt: number;
-    pending: number;
-    timer: NodeJS.Timeout | null;
-    row: ActivityEntry | null;
-  }
-  const slots = new Map<string, Slot>();
-  const MAX_SLOTS = 10_000;
-
-  const write = (row: ActivityEntry, count: number) => {
-    const entry = { ...row, metadata: { ...row.metadata, count } };
-    logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
-    activity.record(entry);
-  };
-
-  const flushSlot = (slot: Slot) => {
-    if (slot.timer) clearTimeout(slot.timer);
-    slot.timer = null;
-    if (slot.pending > 0 && slot.row) write(slot.row, slot.pending);
-    slot.pending = 0;
-    slot.lastAt = Date.now();
-  };
-
-  const sweep = (now: number) => {
-    for (const [key, slot] of slots)
-      if (slot.timer === null && now - slot.lastAt >= windowMs) slots.delete(key);
-  };
-
+  const flood = createFloodReporter<ActivityEntry>({
+    windowMs,
+    fold: latestEvent,
+    overflowKey: (_key, row) => `${row.activityType}|*`,
+    report(_key, row, count) {
+      const entry = { ...row, metadata: { ...row.metadata, count } };
+      logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
+      activity.record(entry);
+    },
+  });
   return {
     note(activityType, remoteAddress, metadata, errorCode, errorMessage) {
-      const now = Date.now();
-      if (slots.size >= MAX_SLOTS) sweep(now);
-      // Past the cap (a spoofed-address storm), everything shares one slot per type.
-      const key = slots.size >= MAX_SLOTS ? `${activityType}|*` : `${activityType}|${remoteAddress ?? ''}`;
-      const row: ActivityEntry = {
+      flood.note(`${activityType}|${remoteAddress ?? ''}`, {
         activityType,
         direction: 'incoming',
         status: 'failed',
         errorCode,
         errorMessage,
         metadata,
-      };
-      const slot = slots.get(key);
-      if (!slot || (slot.timer === null && now - slot.lastAt >= windowMs)) {
-        slots.set(key, { lastAt: now, pending: 0, timer: null, row: null });
-        write(row, 1);
-        return;
-      }
-      slot.pending++;
-      slot.row = row;
-      if (slot.timer === null) {
-        slot.timer = setTimeout(() => flushSlot(slot), Math.max(0, slot.lastAt + windowMs - now));
-        slot.timer.unref();
-      }
+      });
     },
-    flush() {
-      for (const slot of slots.values()) flushSlot(slot);
-      slots.clear();
-    },
+    flush: () => flood.flush(),
   };
 }
 
