@@ -1,7 +1,6 @@
 import type { Config, IntegrationConfig } from '../config/schema.js';
 import { ErrorCodes } from '../errors.js';
 import type { Logger } from '../logger.js';
-import type { Provider } from '../providers/provider.js';
 import { providerRegistry, type ProviderFactories } from '../providers/registry.js';
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
 import { openStore, type Store } from '../store/database.js';
@@ -140,8 +139,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       reportedState: () => reportedState?.all() ?? new Map(),
     });
     integrations.set(integration.id, runtime);
+    for (const device of local.connectedDevices()) runtime.tellPresence(device.id, true);
     runtime.start();
-    for (const device of local.connectedDevices()) tellPresence(runtime.provider, device.id, true);
   }
 
   /** Configured device ids, and those seen connecting or reporting state. */
@@ -152,18 +151,9 @@ export function createGateway(options: GatewayOptions): Gateway {
     return [...ids];
   }
 
-  function tellPresence(provider: Provider, deviceId: string, online: boolean): void {
-    try {
-      provider.onDevicePresence?.(deviceId, online);
-    } catch (err) {
-      logger.error({ err, deviceId }, 'device_presence_failed');
-    }
-  }
-
-  /** Local presence from the broker, to every integration's provider. */
   function onPresence(deviceId: string, online: boolean): void {
     if (online && seenDevices.size < MAX_SEEN_DEVICES) seenDevices.add(deviceId);
-    for (const runtime of integrations.values()) tellPresence(runtime.provider, deviceId, online);
+    for (const runtime of integrations.values()) runtime.tellPresence(deviceId, online);
   }
 
   async function stopIntegration(runtime: IntegrationRuntime): Promise<void> {

@@ -6,8 +6,8 @@ import type { ActivityLog } from '../store/activity-log.js';
 import type { Outbox } from '../store/outbox-types.js';
 import { createConnectionSupervisor, type ConnectionSupervisor } from './delivery/connection-supervisor.js';
 import { createForwarder, type Forwarder } from './delivery/forwarder.js';
-import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { createProviderContext } from './provider-context.js';
+import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { scheduleJob, type ScheduledJob } from './schedules.js';
 
 export interface IntegrationRuntimeOptions {
@@ -19,8 +19,9 @@ export interface IntegrationRuntimeOptions {
   /** Hands cloud → device traffic to the local broker. */
   publishLocal(message: InboundMessage): Promise<void>;
   logger: Logger;
-  /** For the provider's context: the local device ids and their merged reported state. */
+  /** The local device ids the gateway knows, for the provider's import. */
   knownDevices?: () => readonly string[];
+  /** The latest reported state per device, for the provider's export. */
   reportedState?: () => ReadonlyMap<string, Record<string, unknown>>;
 }
 
@@ -40,6 +41,8 @@ export interface IntegrationRuntime {
   stop(): Promise<void>;
   testConnection(): ReturnType<typeof runConnectionTest>;
   sync(direction: SyncDirection): Promise<SyncOutcome>;
+  /** Local presence: a device connected to (true) or left (false) the embedded broker. */
+  tellPresence(deviceId: string, online: boolean): void;
 }
 
 export function createIntegrationRuntime(options: IntegrationRuntimeOptions): IntegrationRuntime {
@@ -137,6 +140,13 @@ export function createIntegrationRuntime(options: IntegrationRuntimeOptions): In
     },
     sync(direction) {
       return runSync({ ...operation(), logger }, direction);
+    },
+    tellPresence(deviceId, online) {
+      try {
+        provider.onDevicePresence?.(deviceId, online);
+      } catch (err) {
+        log.error({ err, deviceId }, 'device_presence_failed');
+      }
     },
   };
 }

@@ -360,8 +360,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       cautious = true;
       return;
     }
-    const window =
-      probeTo > 0 || cautious ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
+    const window = probeTo > 0 || cautious ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
     const budget = { rows: SCAN_BUDGET };
     while (active && inflight.size < window) {
       const wait = Math.max(limiter.peek(), quota.peek());
