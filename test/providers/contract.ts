@@ -22,7 +22,10 @@
  *       },
  *       cleanup: () => sim.stop(),                      // the suite closes the provider itself
  *     };
- *   });
+ *   }, { throttles: true, deviceFailures: true });      // what the cloud can make it do
+ *
+ * The options (`throttles`, `deviceThrottles`, `deviceFailures`, `plannedReconnects`) add the
+ * tests for what the cloud can make the provider do; each needs the matching ContractCloud knob.
  *
  * `setup` runs before every test and must return a provider that has not connected yet. The
  * suite publishes rows on `devices/{deviceId}/telemetry` (override with `topic`) whose payload is
@@ -83,6 +86,8 @@ export interface ContractOptions {
    * knob of ContractCloud (`throttleNext`, `failDevice`/`restoreDevice`, `plannedReconnect`).
    */
   throttles?: boolean;
+  /** Throttles scoped to one device (`throttleNext(n, ms, deviceId)`). */
+  deviceThrottles?: boolean;
   deviceFailures?: boolean;
   plannedReconnects?: boolean;
 }
@@ -290,24 +295,43 @@ export function describeProviderContract(
 
     if (options.throttles === true)
       it(
-        'a throttled publish says so (GW_ERR_PROVIDER_THROTTLED, retryAfterMs), link-wide or for one device',
+        'a throttled publish says so (GW_ERR_PROVIDER_THROTTLED, retryable, retryAfterMs) and the link stays up',
         async () => {
           const s = await start();
           const throttle = knob(s.cloud.throttleNext?.bind(s.cloud), 'throttleNext');
+          const losses: Error[] = [];
+          s.provider.onDisconnect((e) => losses.push(e));
           await s.provider.connect(new AbortController().signal);
           throttle(1, 250);
           const err = await rejection(s.provider.publish(row(s)));
           expect(err.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
           expect(err.retryable).toBe(true);
           expect(err.details?.retryAfterMs).toBeTypeOf('number');
-          throttle(1, 250, 'slow-dev');
-          const scoped = await rejection(s.provider.publish(row(s, 'slow-dev')));
-          expect(scoped.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
-          expect(scoped.details?.deviceId).toBe('slow-dev');
           // Throttling is not a failure of the link: the next publish goes through.
           const next = row(s);
           await s.provider.publish(next);
           expect(arrived(s, next.token)).toBe(true);
+          expect(losses).toEqual([]);
+        },
+        timeout,
+      );
+
+    if (options.deviceThrottles === true)
+      it(
+        "a throttle of one device names it (details.deviceId); the other devices' publishes go through",
+        async () => {
+          const s = await start();
+          const throttle = knob(s.cloud.throttleNext?.bind(s.cloud), 'throttleNext');
+          await s.provider.connect(new AbortController().signal);
+          throttle(1, 250, 'slow-dev');
+          const other = row(s, 'fast-dev');
+          await s.provider.publish(other);
+          expect(arrived(s, other.token)).toBe(true);
+          const scoped = await rejection(s.provider.publish(row(s, 'slow-dev')));
+          expect(scoped.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
+          expect(scoped.retryable).toBe(true);
+          expect(scoped.details?.deviceId).toBe('slow-dev');
+          expect(scoped.details?.retryAfterMs).toBeTypeOf('number');
         },
         timeout,
       );
