@@ -47,6 +47,7 @@ import type { OutboundMessage, Provider } from '../../src/providers/provider.js'
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+import { rejection } from '../helpers/rejection.js';
 
 /** The cloud side of a provider under test: what it received, and the faults it can make. */
 export interface ContractCloud {
@@ -410,17 +411,6 @@ function knob<T>(fn: T | undefined, name: string): T {
   if (fn === undefined)
     throw new Error(`the contract options promise ${name}, but the ContractCloud has none`);
   return fn;
-}
-
-/** The rejection of a promise that must reject, as a GatewayError. */
-async function rejection(promise: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await promise;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected the promise to reject, it resolved');
 }
 
 function isGatewayErrorWith(err: unknown, retryable: boolean): boolean {
