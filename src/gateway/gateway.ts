@@ -7,6 +7,11 @@ import type { Logger } from '../logger.js';
 import type { Provider } from '../providers/provider.js';
 import { createProvider } from '../providers/registry.js';
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
+import {
+  createBrokerPersistence,
+  type BrokerPersistence,
+  type BrokerPersistenceLimits,
+} from '../store/broker-persistence.js';
 import { openStore, type Store } from '../store/database.js';
 import { createOutbox } from '../store/outbox.js';
 import type { Outbox } from '../store/outbox-types.js';
@@ -91,6 +96,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   let activity: ActivityLog | undefined;
   let outbox: Outbox | undefined;
   let ingest: Ingest | undefined;
+  let brokerPersistence: BrokerPersistence | undefined;
   let broker: Broker | undefined;
   let http: HttpServer | undefined;
   let replicator: Replicator | undefined;
@@ -369,7 +375,16 @@ export function createGateway(options: GatewayOptions): Gateway {
         integrations: config.integrations,
       });
       const ingestRef = ingest;
+      if (config.broker.persistence === 'sqlite') {
+        brokerPersistence = createBrokerPersistence({
+          db: store.db,
+          syncWal: store.syncWal,
+          logger: logger.child({ component: 'broker-persistence' }),
+          limits: brokerPersistenceLimits(config.broker),
+        });
+      }
       broker = createBroker({
+        persistence: brokerPersistence,
         config: config.broker,
         gatewayId: config.gateway.id,
         retainedStatus: config.features.retainedStatus,
@@ -505,6 +520,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('http', () => http?.close());
     // The broker stops taking messages before the queues are flushed, so nothing arrives after.
     await step('broker', () => broker?.close());
+    // After the broker: what aedes handed over while closing (a clean session's wipe) lands.
+    await step('broker persistence', () => brokerPersistence?.destroy());
     await step('integrations', () => Promise.all([...integrations.values()].map(stopIntegration)));
     await step('wake', () => stopWake?.());
     await step('alerts', () => stopAlerts?.());
@@ -549,7 +566,10 @@ export function createGateway(options: GatewayOptions): Gateway {
     // Keys that need a restart keep their running values; the rest applies now.
     config = withRunningValues(next, prev, RESTART_REQUIRED_KEYS);
     if (next.gateway.log.level !== prev.gateway.log.level) options.setLogLevel?.(next.gateway.log.level);
-    if (changed.some((p) => p.startsWith('broker.'))) broker?.updateConfig(config.broker);
+    if (changed.some((p) => p.startsWith('broker.'))) {
+      broker?.updateConfig(config.broker);
+      brokerPersistence?.updateLimits(brokerPersistenceLimits(config.broker));
+    }
     ingest?.setIntegrations(config.integrations);
     const nextById = new Map(config.integrations.map((i) => [i.id, i]));
     for (const runtime of [...integrations.values()]) {
@@ -732,4 +752,13 @@ function safeRead(file: string): string {
   } catch {
     return '';
   }
+}
+
+function brokerPersistenceLimits(config: Config['broker']): BrokerPersistenceLimits {
+  return {
+    maxQueuedMessages: config.offlineQueue.maxMessages,
+    maxQueuedBytes: config.offlineQueue.maxBytes,
+    maxRetainedPerDevice: config.maxRetainedPerDevice,
+    sessionExpiryMs: config.sessionExpiry,
+  };
 }

@@ -51,6 +51,8 @@ export interface BrokerPersistence {
   clientConnected(clientId: string): void;
   /** A device disconnected: its session expires `sessionExpiryMs` from now unless it returns. */
   clientDisconnected(clientId: string): void;
+  /** New caps and expiry (a config reload); they apply from the next write on. */
+  updateLimits(limits: BrokerPersistenceLimits): void;
   /** Deletes the state of sessions not seen for `sessionExpiryMs` (housekeeping runs it). */
   expireSessions(): Promise<number>;
   readonly stats: BrokerPersistenceStats;
@@ -152,7 +154,8 @@ interface PacketRow {
 }
 
 export function createBrokerPersistence(options: BrokerPersistenceOptions): BrokerPersistence {
-  const { db, logger, limits, syncWal } = options;
+  const { db, logger, syncWal } = options;
+  let limits = { ...options.limits };
   const now = options.now ?? Date.now;
   const cacheSize = options.subscriptionCacheSize ?? 1000;
   const housekeepingMs = options.housekeepingIntervalMs ?? 60_000;
@@ -541,7 +544,8 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     async setup(b: BrokerRef) {
       broker = b;
-      if (limits.sessionExpiryMs > 0 && housekeeping === undefined && !destroyed) {
+      // Runs whatever sessionExpiry is now: a reload may turn expiry on.
+      if (housekeeping === undefined && !destroyed) {
         housekeeping = setInterval(() => {
           persistence.expireSessions().catch((err: unknown) => {
             logger.error({ err }, 'broker_sessions_expire_failed');
@@ -862,6 +866,10 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       if (queue.length > 0) flush();
       destroyed = true;
       subscriptionCache.clear();
+    },
+
+    updateLimits(next) {
+      limits = { ...next };
     },
 
     clientConnected(clientId) {

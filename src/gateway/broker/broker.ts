@@ -6,6 +6,7 @@ import type { Config } from '../../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
+import type { BrokerPersistence } from '../../store/broker-persistence.js';
 import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
   EMPTY_ACL,
@@ -55,6 +56,12 @@ export interface BrokerOptions {
    * aedes closes that connection (default 30 s); other devices are served meanwhile.
    */
   drainTimeoutMs?: number;
+  /**
+   * Where aedes keeps retained messages, sessions and queued messages (broker.persistence:
+   * sqlite); aedes' in-memory default without it. Told when devices come and go; its owner
+   * destroys it after close().
+   */
+  persistence?: BrokerPersistence;
 }
 
 export interface BrokerStats {
@@ -231,6 +238,7 @@ export function createBroker(options: BrokerOptions): Broker {
     maxTopicLevels: 100,
     drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
+    persistence: options.persistence,
 
     preConnect(client, packet, callback) {
       connectFields.set(client, {
@@ -388,6 +396,7 @@ export function createBroker(options: BrokerOptions): Broker {
   });
 
   aedes.on('clientReady', (client) => {
+    options.persistence?.clientConnected(client.id);
     const session = sessions.get(client);
     if (!session) return;
     session.connectedAt = Date.now();
@@ -395,6 +404,7 @@ export function createBroker(options: BrokerOptions): Broker {
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
   });
   aedes.on('clientDisconnect', (client) => {
+    options.persistence?.clientDisconnected(client.id);
     if (connected.get(client.id)?.client === client) connected.delete(client.id);
     const identity = sessions.get(client)?.identity;
     if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);
