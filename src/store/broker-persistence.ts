@@ -184,9 +184,8 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     sessionEnsure: db.prepare(
       'INSERT INTO broker_sessions (client_id, last_seen) VALUES (?, ?) ON CONFLICT (client_id) DO NOTHING',
     ),
-    sessionTouch: db.prepare(
-      'INSERT INTO broker_sessions (client_id, last_seen) VALUES (?, ?) ON CONFLICT (client_id) DO UPDATE SET last_seen = excluded.last_seen',
-    ),
+    // Only a session with state stored has a row: a clean=true client's connect writes nothing.
+    sessionTouch: db.prepare('UPDATE broker_sessions SET last_seen = ? WHERE client_id = ?'),
     sessionQueued: db.prepare(
       'SELECT queued_rows AS rows, queued_bytes AS bytes FROM broker_sessions WHERE client_id = ?',
     ),
@@ -295,6 +294,27 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
         setImmediate(flush);
       }
     });
+  };
+
+  /**
+   * A call that only reads: at once when nothing is queued before it (it could not see anything
+   * newer by waiting), else in the queue behind the writes it must see.
+   */
+  const read = <T>(run: () => T): Promise<T> => {
+    if (destroyed || queue.length > 0) return call(run);
+    try {
+      return Promise.resolve(run());
+    } catch (err) {
+      if (!(err instanceof Database.SqliteError)) return Promise.reject(err as Error);
+      logger.error({ err }, 'broker_persistence_read_failed');
+      return Promise.reject(
+        new GatewayError(
+          ErrorCodes.STORE_WRITE,
+          `cannot read the broker's state from the store: ${errorMessage(err)}; check the disk of gateway.dataDir`,
+          { cause: err, retryable: true },
+        ),
+      );
+    }
   };
 
   function flush(): void {
@@ -498,7 +518,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
   // --- streams -------------------------------------------------------------------------------
   /** Resolves once every call queued before it has run. */
-  const barrier = () => call(() => undefined);
+  const barrier = () => read(() => undefined);
 
   async function* retainedMatching(pattern: string): AsyncGenerator<PacketLike> {
     const levels = pattern.split('/');
@@ -626,7 +646,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     subscriptionsByClient(client) {
       const clientId = client.id;
-      return call(() =>
+      return read(() =>
         (st.subsOfClient.all(clientId) as SubscriptionRow[]).map((row) => {
           const sub: SubscriptionLike = {
             topic: row.topic,
@@ -642,7 +662,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     },
 
     countOffline() {
-      return call(() => {
+      return read(() => {
         const row = st.subsCount.get() as { subs: number; clients: number };
         return { subsCount: row.subs, clientsCount: row.clients };
       });
@@ -658,7 +678,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
           return Promise.resolve(copySubs(hit));
         }
       }
-      return call(() => {
+      return read(() => {
         stats.subscriptionCacheMisses++;
         const subs = lookUpSubscribers(topic);
         remember(topic, subs);
@@ -770,7 +790,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     incomingGetPacket(client, packet) {
       const clientId = client.id;
       const messageId = packet.messageId ?? null;
-      return call(() => {
+      return read(() => {
         const row = st.inGet.get(clientId, messageId) as PacketRow | undefined;
         if (!row) throw new Error('no such packet');
         return decodePacket(row);
@@ -806,7 +826,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     getWill(client) {
       const clientId = client.id;
-      return call(() => {
+      return read(() => {
         const row = st.willGet.get(clientId) as PacketRow | undefined;
         return row ? decodePacket(row) : undefined;
       });
@@ -875,7 +895,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     clientConnected(clientId) {
       connected.set(clientId, (connected.get(clientId) ?? 0) + 1);
       const at = now();
-      call(() => st.sessionTouch.run(clientId, at)).catch((err: unknown) =>
+      call(() => st.sessionTouch.run(at, clientId)).catch((err: unknown) =>
         logger.warn({ err, clientId }, 'broker_session_touch_failed'),
       );
     },
@@ -886,7 +906,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       else connected.delete(clientId);
       if (destroyed) return;
       const at = now();
-      call(() => st.sessionTouch.run(clientId, at)).catch((err: unknown) =>
+      call(() => st.sessionTouch.run(at, clientId)).catch((err: unknown) =>
         logger.warn({ err, clientId }, 'broker_session_touch_failed'),
       );
     },
@@ -903,7 +923,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
           for (const { client_id: clientId } of ids) {
             if (connected.has(clientId)) {
               // Connected all along: seen now.
-              st.sessionTouch.run(clientId, now());
+              st.sessionTouch.run(now(), clientId);
               continue;
             }
             deleteSession(clientId);
