@@ -68,6 +68,8 @@ export interface BrokerPersistenceStats {
   /** Topic lookups answered by the subscription cache / by SQLite. */
   subscriptionCacheHits: number;
   subscriptionCacheMisses: number;
+  /** Lookups the key filter answered "nobody" without a query (most device telemetry). */
+  subscriptionFilterSkips: number;
 }
 
 export interface BrokerPersistenceLimits {
@@ -212,10 +214,15 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       `SELECT rowid, client_id, topic, qos, rh, rap, nl, match_key FROM broker_subscriptions
        WHERE qos > 0 AND match_key IN (SELECT value FROM json_each(?))`,
     ),
+    subsByKey: db.prepare(
+      `SELECT rowid, client_id, topic, qos, rh, rap, nl, match_key FROM broker_subscriptions
+       WHERE qos > 0 AND match_key = ?`,
+    ),
     subsCount: db.prepare(
       `SELECT (SELECT count(*) FROM broker_subscriptions WHERE qos > 0) AS subs,
               (SELECT count(DISTINCT client_id) FROM broker_subscriptions) AS clients`,
     ),
+    subKeys: db.prepare('SELECT DISTINCT match_key FROM broker_subscriptions WHERE qos > 0').pluck(),
     clientsOfTopic: db.prepare(
       'SELECT rowid, client_id FROM broker_subscriptions WHERE topic = ? AND rowid > ? ORDER BY rowid LIMIT ?',
     ),
@@ -267,6 +274,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     sessionsExpired: 0,
     subscriptionCacheHits: 0,
     subscriptionCacheMisses: 0,
+    subscriptionFilterSkips: 0,
   };
 
   let broker: BrokerRef | undefined;
@@ -361,6 +369,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       return;
     }
     logDrops();
+    if (filterDeletes > Math.max(1000, filterKeys)) rebuildKeyFilter();
     const settleAll = (syncError: Error | null) => {
       for (let i = 0; i < batch.length; i++) {
         const item = batch[i]!;
@@ -412,7 +421,10 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     });
   }
 
+  /** After COMMIT: the drops of the batch are counted and logged (a rolled-back one made none). */
   function logDrops(): void {
+    for (const dropped of queueDrops.values()) stats.queueDropped += dropped;
+    for (const dropped of retainedDrops.values()) stats.retainedDropped += dropped;
     for (const [clientId, dropped] of queueDrops)
       logger.warn({ clientId, dropped, maxQueuedMessages: limits.maxQueuedMessages }, 'broker_queue_dropped');
     for (const [owner, dropped] of retainedDrops)
@@ -424,14 +436,50 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     retainedDrops.clear();
   }
 
+  // --- subscription key filter ------------------------------------------------------------------
+  /**
+   * A Bloom filter of the match keys of QoS > 0 subscriptions (fixed 128 KiB): a topic none of
+   * whose keys is in it has no offline subscriber, answered without a query. Keys are added as
+   * subscriptions are; deleted ones stay until a rebuild from the table, once as many rows were
+   * deleted as there were keys (until then they only cost a query that finds nothing).
+   */
+  const keyFilter = createKeyFilter();
+  let filterKeys = 0;
+  let filterDeletes = 0;
+  const rebuildKeyFilter = (): void => {
+    keyFilter.clear();
+    filterKeys = 0;
+    filterDeletes = 0;
+    for (const key of st.subKeys.iterate() as IterableIterator<string>) {
+      keyFilter.add(key);
+      filterKeys++;
+    }
+  };
+  const noteDeletes = (rows: number): void => {
+    filterDeletes += rows;
+  };
+  rebuildKeyFilter();
+
   // --- subscription cache -----------------------------------------------------------------------
   /** topic → offline subscribers; insertion order is recency (re-inserted on a hit). */
   const subscriptionCache = new Map<string, OfflineSubscription[]>();
   const lookUpSubscribers = (topic: string): OfflineSubscription[] => {
     const levels = topic.split('/');
     const keys: string[] = [];
-    for (let n = 0; n <= levels.length; n++) keys.push(`${n}:${levels.slice(0, n).join('/')}`);
-    const rows = st.subsByKeys.all(JSON.stringify(keys)) as SubscriptionRow[];
+    let prefix = '';
+    for (let n = 0; n <= levels.length; n++) {
+      if (n > 0) prefix = n === 1 ? levels[0]! : `${prefix}/${levels[n - 1]!}`;
+      const key = `${n}:${prefix}`;
+      if (keyFilter.mayHave(key)) keys.push(key);
+    }
+    if (keys.length === 0) {
+      stats.subscriptionFilterSkips++;
+      return [];
+    }
+    // One key is the usual case (the filter ruled out the others): a plain index probe.
+    const rows = (
+      keys.length === 1 ? st.subsByKey.all(keys[0]) : st.subsByKeys.all(JSON.stringify(keys))
+    ) as SubscriptionRow[];
     const wildcard: SubscriptionRow[] = [];
     const exact: SubscriptionRow[] = [];
     for (const row of rows) {
@@ -504,12 +552,11 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     }
     if (dropped === 0) return;
     st.sessionAddQueued.run(-dropped, -droppedBytes, dropped, clientId);
-    stats.queueDropped += dropped;
     queueDrops.set(clientId, (queueDrops.get(clientId) ?? 0) + dropped);
   };
 
   const deleteSession = (clientId: string): void => {
-    st.subDeleteClient.run(clientId);
+    noteDeletes(st.subDeleteClient.run(clientId).changes);
     st.outDeleteClient.run(clientId);
     st.inDeleteClient.run(clientId);
     st.willDelete.run(clientId);
@@ -592,7 +639,6 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
         if (count > limits.maxRetainedPerDevice) {
           const drop = count - limits.maxRetainedPerDevice;
           st.retainedDropOldest.run(owner, drop);
-          stats.retainedDropped += drop;
           retainedDrops.set(owner, (retainedDrops.get(owner) ?? 0) + drop);
         }
       });
@@ -632,6 +678,11 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
             sub.subscriptionIdentifier ?? null,
             matchKey(sub.topic),
           );
+          // A QoS 0 one replacing a QoS > 0 one takes a key out: counted like a delete.
+          if (sub.qos > 0) {
+            keyFilter.add(matchKey(sub.topic));
+            filterKeys++;
+          } else noteDeletes(1);
         }
       }, true);
     },
@@ -640,7 +691,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       const clientId = client.id;
       const list = [...topics];
       return call(() => {
-        for (const topic of list) st.subDelete.run(clientId, topic);
+        for (const topic of list) noteDeletes(st.subDelete.run(clientId, topic).changes);
       }, true);
     },
 
@@ -689,7 +740,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     cleanSubscriptions(client) {
       const clientId = client.id;
       return call(() => {
-        st.subDeleteClient.run(clientId);
+        noteDeletes(st.subDeleteClient.run(clientId).changes);
       }, true);
     },
 
@@ -1082,4 +1133,44 @@ function bufferReviver(_key: string, value: unknown): unknown {
     if (keys.length === 1) return Buffer.from((value as { $b: string }).$b, 'base64');
   }
   return value;
+}
+
+interface KeyFilter {
+  add(key: string): void;
+  mayHave(key: string): boolean;
+  clear(): void;
+}
+
+/** 2^20 bits, 3 probes by double hashing (FNV-1a and a second seed): ≈ 1 % false hits at 100,000 keys. */
+function createKeyFilter(): KeyFilter {
+  const BITS = 1 << 20;
+  const words = new Uint32Array(BITS >>> 5);
+  const hash = (key: string, seed: number): number => {
+    let h = seed;
+    for (let i = 0; i < key.length; i++) {
+      h ^= key.charCodeAt(i);
+      h = Math.imul(h, 16777619);
+    }
+    return h >>> 0;
+  };
+  const probes = (key: string, visit: (bit: number) => boolean): boolean => {
+    const h1 = hash(key, 2166136261);
+    const h2 = hash(key, 3560932519) | 1;
+    for (let i = 0; i < 3; i++) if (!visit((h1 + i * h2) & (BITS - 1))) return false;
+    return true;
+  };
+  return {
+    add(key) {
+      probes(key, (bit) => {
+        words[bit >>> 5]! |= 1 << (bit & 31);
+        return true;
+      });
+    },
+    mayHave(key) {
+      return probes(key, (bit) => (words[bit >>> 5]! & (1 << (bit & 31))) !== 0);
+    },
+    clear() {
+      words.fill(0);
+    },
+  };
 }

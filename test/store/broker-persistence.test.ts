@@ -222,13 +222,37 @@ describe('the topic → subscriber lookup', () => {
     expect(p.stats.subscriptionCacheMisses).toBe(4);
     expect(await ids('devices/b/desired')).toEqual(['a:devices/+/desired']);
     expect(p.stats.subscriptionCacheHits).toBe(1);
+    // No filter could match: answered without a query.
+    expect(await ids('sensors/s1/telemetry')).toEqual([]);
+    expect(p.stats.subscriptionFilterSkips).toBe(1);
 
     // Not awaited: a lookup called right after a change sees it.
     void p.addSubscriptions({ id: 'b' }, [{ topic: 'devices/b/desired', qos: 1 }]);
     expect(await ids('devices/b/desired')).toEqual(['a:devices/+/desired', 'b:devices/b/desired']);
     void p.removeSubscriptions({ id: 'a' }, ['devices/+/desired']);
     expect(await ids('devices/b/desired')).toEqual(['b:devices/b/desired']);
+    // A filter downgraded to QoS 0 no longer matches offline, and one added later again does.
+    await p.addSubscriptions({ id: 'b' }, [{ topic: 'devices/b/desired', qos: 0 }]);
+    expect(await ids('devices/b/desired')).toEqual([]);
+    await p.addSubscriptions({ id: 'c' }, [{ topic: 'sensors/+/telemetry', qos: 1 }]);
+    expect(await ids('sensors/s1/telemetry')).toEqual(['c:sensors/+/telemetry']);
   });
+});
+
+it('keeps answering right across many deletes (the key filter is rebuilt from the table)', async () => {
+  const p = open();
+  for (let round = 0; round < 3; round++) {
+    const subs = Array.from({ length: 800 }, (_, i) => ({ topic: `devices/d${i}/commands/#`, qos: 1 }));
+    await p.addSubscriptions({ id: `r${round}` }, subs);
+    expect((await p.subscriptionsByTopic('devices/d7/commands/x')).map((s) => s.clientId)).toEqual([
+      `r${round}`,
+    ]);
+    await p.cleanSubscriptions({ id: `r${round}` });
+    expect(await p.subscriptionsByTopic('devices/d7/commands/x')).toEqual([]);
+  }
+  await p.addSubscriptions({ id: 'last' }, [{ topic: 'devices/d1/commands/#', qos: 1 }]);
+  expect((await p.subscriptionsByTopic('devices/d1/commands/x')).map((s) => s.clientId)).toEqual(['last']);
+  expect(await p.subscriptionsByTopic('devices/d2/commands/x')).toEqual([]);
 });
 
 describe('memory', () => {
