@@ -11,11 +11,13 @@ import type { SqliteDatabase } from './database.js';
  * awaiting PUBREL, and wills. Nothing is mirrored in memory but a bounded cache of topic →
  * offline subscribers.
  *
- * Every call joins a queue that runs once per turn of the event loop in one transaction, in
- * call order (reads too, so a read sees the writes called before it). A batch that changed
- * rows commits with synchronous=NORMAL and its writes settle after a WAL sync on the thread
- * pool (the store's syncWal), so the loop never waits for the disk; the batch itself is a few
- * indexed statements per call, never a long transaction.
+ * Every write joins a queue that runs once per turn of the event loop in one transaction, in
+ * call order; a read runs at once when nothing is queued, else behind the writes before it. A
+ * batch commits with synchronous=NORMAL (kill -9 cannot undo it). The writes that must also
+ * survive a power cut before aedes answers (subscriptions: the SUBACK; queued and retained
+ * messages) settle after a WAL sync on the thread pool (the store's syncWal), so the loop never
+ * waits for the disk; the others (in-flight packet ids, QoS 2 dedup, wills, last seen) settle
+ * at COMMIT. A batch is a few indexed statements per call, never a long transaction.
  */
 export interface BrokerPersistence {
   /** The broker given to setup (aedes reads its id and counter). */
@@ -146,6 +148,8 @@ interface QueuedCall {
   run: () => unknown;
   /** Changes subscriptions: the topic cache is invalid once it has run. */
   subscriptions: boolean;
+  /** Settles only once its commit is synced to disk (else at COMMIT: safe from kill -9, not power loss). */
+  durable: boolean;
   resolve: (value: unknown) => void;
   reject: (err: Error) => void;
 }
@@ -292,10 +296,12 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
   const queueDrops = new Map<string, number>();
   const retainedDrops = new Map<string, number>();
 
-  const call = <T>(run: () => T, subscriptions = false): Promise<T> => {
+  const call = <T>(run: () => T, kind: { subscriptions?: boolean; durable?: boolean } = {}): Promise<T> => {
     if (destroyed) return Promise.reject(destroyedError());
+    const subscriptions = kind.subscriptions ?? false;
+    const durable = kind.durable ?? subscriptions;
     return new Promise<T>((resolve, reject) => {
-      queue.push({ run, subscriptions, resolve: resolve as (v: unknown) => void, reject });
+      queue.push({ run, subscriptions, durable, resolve: resolve as (v: unknown) => void, reject });
       if (subscriptions) pendingSubscriptionChanges++;
       if (!scheduled) {
         scheduled = true;
@@ -370,9 +376,10 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     }
     logDrops();
     if (filterDeletes > Math.max(1000, filterKeys)) rebuildKeyFilter();
-    const settleAll = (syncError: Error | null) => {
+    const settleAll = (syncError: Error | null, durable: boolean) => {
       for (let i = 0; i < batch.length; i++) {
         const item = batch[i]!;
+        if (item.durable !== durable) continue;
         const failure = failures[i] ?? syncError ?? undefined;
         if (failure) settle(item, failure);
         else {
@@ -381,8 +388,11 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
         }
       }
     };
+    // What kill -9 cannot take any more settles now; what must survive a power cut (a SUBACK's
+    // subscription, a queued message, a retained one) after the WAL sync.
+    settleAll(null, false);
     if (!changed || !syncWal) {
-      settleAll(null);
+      settleAll(null, true);
       return;
     }
     afterSync((err) =>
@@ -394,6 +404,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
               { cause: err, retryable: true },
             )
           : null,
+        true,
       ),
     );
   }
@@ -624,24 +635,27 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     storeRetained(packet) {
       const copy: PacketLike = { ...packet };
-      return call(() => {
-        const topic = String(copy.topic);
-        const payloadLength =
-          typeof copy.payload === 'string' ? Buffer.byteLength(copy.payload) : (copy.payload?.length ?? 0);
-        if (payloadLength === 0) {
-          st.retainedDelete.run(topic);
-          return;
-        }
-        const owner = retainedOwner(topic);
-        const { meta, payload } = encodePacket(copy);
-        st.retainedUpsert.run(topic, owner, meta, payload);
-        const count = st.retainedCountOwner.get(owner) as number;
-        if (count > limits.maxRetainedPerDevice) {
-          const drop = count - limits.maxRetainedPerDevice;
-          st.retainedDropOldest.run(owner, drop);
-          retainedDrops.set(owner, (retainedDrops.get(owner) ?? 0) + drop);
-        }
-      });
+      return call(
+        () => {
+          const topic = String(copy.topic);
+          const payloadLength =
+            typeof copy.payload === 'string' ? Buffer.byteLength(copy.payload) : (copy.payload?.length ?? 0);
+          if (payloadLength === 0) {
+            st.retainedDelete.run(topic);
+            return;
+          }
+          const owner = retainedOwner(topic);
+          const { meta, payload } = encodePacket(copy);
+          st.retainedUpsert.run(topic, owner, meta, payload);
+          const count = st.retainedCountOwner.get(owner) as number;
+          if (count > limits.maxRetainedPerDevice) {
+            const drop = count - limits.maxRetainedPerDevice;
+            st.retainedDropOldest.run(owner, drop);
+            retainedDrops.set(owner, (retainedDrops.get(owner) ?? 0) + drop);
+          }
+        },
+        { durable: true },
+      );
     },
 
     createRetainedStream(pattern) {
@@ -665,34 +679,40 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     addSubscriptions(client, subs) {
       const clientId = client.id;
       const list = subs.map((s) => ({ ...s }));
-      return call(() => {
-        st.sessionEnsure.run(clientId, now());
-        for (const sub of list) {
-          st.subUpsert.run(
-            clientId,
-            sub.topic,
-            sub.qos,
-            sub.rh ?? null,
-            toFlag(sub.rap),
-            toFlag(sub.nl),
-            sub.subscriptionIdentifier ?? null,
-            matchKey(sub.topic),
-          );
-          // A QoS 0 one replacing a QoS > 0 one takes a key out: counted like a delete.
-          if (sub.qos > 0) {
-            keyFilter.add(matchKey(sub.topic));
-            filterKeys++;
-          } else noteDeletes(1);
-        }
-      }, true);
+      return call(
+        () => {
+          st.sessionEnsure.run(clientId, now());
+          for (const sub of list) {
+            st.subUpsert.run(
+              clientId,
+              sub.topic,
+              sub.qos,
+              sub.rh ?? null,
+              toFlag(sub.rap),
+              toFlag(sub.nl),
+              sub.subscriptionIdentifier ?? null,
+              matchKey(sub.topic),
+            );
+            // A QoS 0 one replacing a QoS > 0 one takes a key out: counted like a delete.
+            if (sub.qos > 0) {
+              keyFilter.add(matchKey(sub.topic));
+              filterKeys++;
+            } else noteDeletes(1);
+          }
+        },
+        { subscriptions: true },
+      );
     },
 
     removeSubscriptions(client, topics) {
       const clientId = client.id;
       const list = [...topics];
-      return call(() => {
-        for (const topic of list) noteDeletes(st.subDelete.run(clientId, topic).changes);
-      }, true);
+      return call(
+        () => {
+          for (const topic of list) noteDeletes(st.subDelete.run(clientId, topic).changes);
+        },
+        { subscriptions: true },
+      );
     },
 
     subscriptionsByClient(client) {
@@ -739,22 +759,28 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     cleanSubscriptions(client) {
       const clientId = client.id;
-      return call(() => {
-        noteDeletes(st.subDeleteClient.run(clientId).changes);
-      }, true);
+      return call(
+        () => {
+          noteDeletes(st.subDeleteClient.run(clientId).changes);
+        },
+        { subscriptions: true },
+      );
     },
 
     outgoingEnqueue(sub, packet) {
       const clientId = sub.clientId;
-      return call(() => enqueueOne(clientId, packet));
+      return call(() => enqueueOne(clientId, packet), { durable: true });
     },
 
     outgoingEnqueueCombi(subs, packet) {
       if (subs.length === 0) return destroyed ? Promise.reject(destroyedError()) : Promise.resolve();
       const clientIds = subs.map((s) => s.clientId);
-      return call(() => {
-        for (const clientId of clientIds) enqueueOne(clientId, packet);
-      });
+      return call(
+        () => {
+          for (const clientId of clientIds) enqueueOne(clientId, packet);
+        },
+        { durable: true },
+      );
     },
 
     outgoingUpdate(client, packet) {
@@ -968,20 +994,23 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       // Chunks keep each transaction short; bounded by the sessions there are.
       for (;;) {
         const cutoff = now() - limits.sessionExpiryMs;
-        const { removed, full } = await call(() => {
-          const ids = st.sessionsExpired.all(cutoff, EXPIRE_CHUNK) as { client_id: string }[];
-          let count = 0;
-          for (const { client_id: clientId } of ids) {
-            if (connected.has(clientId)) {
-              // Connected all along: seen now.
-              st.sessionTouch.run(now(), clientId);
-              continue;
+        const { removed, full } = await call(
+          () => {
+            const ids = st.sessionsExpired.all(cutoff, EXPIRE_CHUNK) as { client_id: string }[];
+            let count = 0;
+            for (const { client_id: clientId } of ids) {
+              if (connected.has(clientId)) {
+                // Connected all along: seen now.
+                st.sessionTouch.run(now(), clientId);
+                continue;
+              }
+              deleteSession(clientId);
+              count++;
             }
-            deleteSession(clientId);
-            count++;
-          }
-          return { removed: count, full: ids.length === EXPIRE_CHUNK };
-        }, true);
+            return { removed: count, full: ids.length === EXPIRE_CHUNK };
+          },
+          { subscriptions: true },
+        );
         expired += removed;
         if (!full) break;
       }
