@@ -7,6 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { hashPassword } from '../../src/gateway/broker/password-hash.js';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import { freePort } from '../helpers/ports.js';
+import { buildShim, powerCut, shimEnv } from '../helpers/power-loss.js';
 import { expectIntactStore, waitFor } from '../helpers/sequenced-devices.js';
 
 /**
@@ -14,6 +15,7 @@ import { expectIntactStore, waitFor } from '../helpers/sequenced-devices.js';
  * the daemon: a retained desired state, the subscriptions of a clean=false session and the QoS 1
  * commands queued while its device was offline are there after the restart and reach the device
  * when it comes back; a clean=true reconnect discards the session and its queue (MQTT-3.1.2-6).
+ * A subscription is on disk when its SUBACK goes out: a power cut right after it keeps it.
  */
 
 const PASSWORD = 'pw-broker-state';
@@ -24,7 +26,7 @@ interface World {
   configFile: string;
 }
 
-async function startWorld(cleanup: (() => unknown)[]): Promise<World> {
+async function startWorld(cleanup: (() => unknown)[], extraDevices: readonly string[] = []): Promise<World> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-broker-state-'));
   cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
   const port = await freePort();
@@ -38,6 +40,7 @@ async function startWorld(cleanup: (() => unknown)[]): Promise<World> {
       `  listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }]`,
       '  devices:',
       `    - { id: lamp, passwordHash: "${hash}" }`,
+      ...extraDevices.map((id) => `    - { id: ${id}, passwordHash: "${hash}" }`),
       // The cloud side, standing in for a provider: sends commands and desired state to devices.
       `    - { id: ctl, passwordHash: "${hash}", acl: { publish: ["devices/+/commands/#", "devices/+/desired"], subscribe: [] } }`,
       'features: { retainedStatus: false }',
@@ -99,7 +102,7 @@ function stored(world: World, clientId: string): { queued: number; subscriptions
   }
 }
 
-describe('durability: the broker state survives kill -9', () => {
+describe('durability: the broker state survives kill -9 and power cuts', () => {
   const cleanup: (() => unknown)[] = [];
   afterAll(async () => {
     for (const fn of cleanup.reverse()) await fn();
@@ -180,6 +183,45 @@ describe('durability: the broker state survives kill -9', () => {
 
       // The retained desired state is not session state: it is still there.
       expect(stored(world, 'lamp').retained).toBeGreaterThanOrEqual(1);
+      expect(await daemon.stop('SIGTERM')).toBe(0);
+    },
+  );
+
+  it(
+    'keeps a subscription it SUBACKed through a power cut right after the SUBACK',
+    { timeout: 180_000 },
+    async () => {
+      const ids = ['pc1', 'pc2', 'pc3'];
+      const world = await startWorld(cleanup, ids);
+      const shim = buildShim(world.dir);
+      const dataDir = join(world.dir, 'data');
+      let daemon: DaemonHandle | undefined;
+      cleanup.push(() => daemon?.stop('SIGKILL'));
+      for (const [n, id] of ids.entries()) {
+        const journal = join(world.dir, `journal-${n}`);
+        daemon = startDaemon(world.configFile, shimEnv(shim, dataDir, journal));
+        await daemon.ready;
+        const device = await connect(world, id, false);
+        await device.client.subscribeAsync(`devices/${id}/commands/#`, { qos: 1 });
+        // The power goes the moment the SUBACK is in: what no sync covered is gone.
+        daemon.proc.kill('SIGKILL');
+        await daemon.exited;
+        device.client.end(true);
+        powerCut(journal);
+        expectIntactStore(dataDir);
+      }
+
+      daemon = startDaemon(world.configFile);
+      await daemon.ready;
+      const devices = await Promise.all(ids.map((id) => connect(world, id, false)));
+      expect(devices.map((d) => d.sessionPresent)).toEqual([true, true, true]);
+      const ctl = await connect(world, 'ctl', true);
+      for (const id of ids)
+        await ctl.client.publishAsync(`devices/${id}/commands/set`, `to-${id}`, { qos: 1 });
+      await ctl.client.endAsync();
+      await waitFor(() => devices.every((d) => d.got.length >= 1), 30_000);
+      expect(devices.map((d) => d.got.map((m) => m.payload))).toEqual(ids.map((id) => [`to-${id}`]));
+      for (const d of devices) await d.client.endAsync();
       expect(await daemon.stop('SIGTERM')).toBe(0);
     },
   );
