@@ -113,7 +113,15 @@ export const LOCAL_MIGRATIONS: readonly string[] = [
   `
   DROP INDEX queue_messages_by_expiry;
   `,
-  // 5: the embedded broker's own state (aedes persistence, broker-persistence.ts): retained
+  // 5: each device's latest reported state (devices/{id}/state merged), which providers export.
+  `
+  CREATE TABLE device_state (
+    device_id  TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,    -- JSON object, the merge of every state message so far
+    updated_at INTEGER NOT NULL  -- ms since epoch
+  ) WITHOUT ROWID;
+  `,
+  // 6: the embedded broker's own state (aedes persistence, broker-persistence.ts): retained
   // messages, persistent sessions, messages queued for offline devices, QoS 2 packets awaiting
   // PUBREL, wills. Packets are a JSON `meta` (every field but the payload) and the payload.
   `
