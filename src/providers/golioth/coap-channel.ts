@@ -188,8 +188,9 @@ export function createCoapChannel(
   function arm(exchange: Exchange, timeoutMs: number) {
     exchange.timer = setTimeout(() => {
       if (exchange.retransmits >= maxRetransmit) {
-        settle(exchange);
-        exchange.reject(
+        // The peer is gone or has lost our session: fail this request and everything queued
+        // behind it rather than send the queued ones first (that would reorder a device's data).
+        close(
           timeoutError(
             `the CoAP server did not acknowledge the request after ${maxRetransmit + 1} transmissions`,
           ),
@@ -278,19 +279,17 @@ export function createCoapChannel(
     });
   }
 
-  return {
-    request,
-    stats,
-    close(reason) {
-      if (closedWith !== undefined) return;
-      closedWith = reason;
-      const exchanges = new Set([...byMessageId.values(), ...byToken.values()]);
-      for (const e of exchanges) {
-        settle(e);
-        e.reject(reason);
-      }
-      // Queued requests wake up one after another, see closedWith and reject.
-      if (waiting.length > 0) release();
-    },
-  };
+  function close(reason: Error) {
+    if (closedWith !== undefined) return;
+    closedWith = reason;
+    const exchanges = new Set([...byMessageId.values(), ...byToken.values()]);
+    for (const e of exchanges) {
+      settle(e);
+      e.reject(reason);
+    }
+    // Queued requests wake up one after another, see closedWith and reject.
+    if (waiting.length > 0) release();
+  }
+
+  return { request, stats, close };
 }

@@ -160,16 +160,24 @@ describe('CoAP channel against coap-server-notls over a lossy relay (RFC 7252 §
     socket.close();
   });
 
-  it('gives up after MAX_RETRANSMIT with a retryable timeout, and close() rejects what is queued', async () => {
-    const transport: DatagramTransport = { send() {}, onMessage() {} };
+  it('gives up after MAX_RETRANSMIT with a retryable timeout, and fails what is queued without sending it (no reordering)', async () => {
+    const sent: string[] = [];
+    const transport: DatagramTransport = {
+      send(datagram) {
+        sent.push(datagram.subarray(-3).toString());
+      },
+      onMessage() {},
+    };
     const channel = createCoapChannel(transport, { ackTimeoutMs: 20, maxRetransmit: 2 });
-    const first = channel.request({ method: 'POST', path: '/.s/x', payload: Buffer.from('{}') });
-    const queued = channel.request({ method: 'POST', path: '/.s/y', payload: Buffer.from('{}') });
+    const first = channel.request({ method: 'POST', path: '/.s/x', payload: Buffer.from('"a"') });
+    const queued = channel.request({ method: 'POST', path: '/.s/y', payload: Buffer.from('"b"') });
     const err = await first.catch((e: unknown) => e);
     expect((err as GatewayError).code).toBe(ErrorCodes.PROVIDER_TIMEOUT);
     expect((err as GatewayError).retryable).toBe(true);
-    expect(channel.stats.retransmissions).toBe(2);
-    channel.close(new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'closed', { retryable: true }));
-    await expect(queued).rejects.toMatchObject({ code: ErrorCodes.PROVIDER_CLOSED });
+    await expect(queued).rejects.toMatchObject({ code: ErrorCodes.PROVIDER_TIMEOUT });
+    expect(sent).toEqual(['"a"', '"a"', '"a"']);
+    await expect(channel.request({ method: 'GET', path: '/z' })).rejects.toMatchObject({
+      code: ErrorCodes.PROVIDER_TIMEOUT,
+    });
   });
 });
