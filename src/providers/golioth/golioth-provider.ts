@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { Agent, fetch as undiciFetch } from 'undici';
 import { createRateLimiter, type RateLimiter } from '../../common/rate-limiter.js';
 import { ErrorCodes, GatewayError, errorMessage, isGatewayError } from '../../errors.js';
 import type {
@@ -10,11 +11,11 @@ import type {
   ProviderEvent,
   SyncResult,
 } from '../provider.js';
+import { createHttpClient } from '../http-client.js';
 import { throttled } from '../provider.js';
 import type { CoapResponse } from './coap-channel.js';
 import { createDeviceSessions, type DeviceCredential } from './device-sessions.js';
 import { createManagementApi, type GoliothDevice } from './management-api.js';
-import { createRestTransport } from './rest-transport.js';
 import { goliothSettingsSchema, type GoliothSettings } from './settings.js';
 
 /**
@@ -70,16 +71,30 @@ export function createGoliothProvider(context: ProviderContext): Provider {
   const settings: GoliothSettings = goliothSettingsSchema.parse(context.integration.settings);
   const log = context.logger;
   const report = (event: ProviderEvent) => context.report?.(event);
-  const transport = createRestTransport({
+  /** REST attempts made, for the sync details (requests per sync). */
+  const restStats = { requests: 0 };
+  // A private CA (settings.ca) needs a dispatcher of its own; Node 20's global fetch takes none.
+  const dispatcher =
+    settings.ca === undefined
+      ? undefined
+      : new Agent({ connect: { ca: readFileSync(settings.ca) }, connections: settings.syncConcurrency });
+  const http = createHttpClient({
     baseUrl: settings.baseUrl,
-    headers: { 'x-api-key': settings.apiKey },
-    ...(settings.ca === undefined ? {} : { ca: readFileSync(settings.ca) }),
-    timeoutMs: settings.requestTimeout,
-    maxSockets: settings.syncConcurrency,
     logger: log,
-    report,
+    headers: () => ({ 'x-api-key': settings.apiKey }),
+    timeoutMs: settings.requestTimeout,
+    report: (event) => {
+      restStats.requests += Number(event.metadata?.attempts ?? 1);
+      report(event);
+    },
+    ...(dispatcher === undefined
+      ? {}
+      : {
+          fetch: ((url: string, init: object) =>
+            undiciFetch(url, { ...init, dispatcher })) as unknown as typeof fetch,
+        }),
   });
-  const api = createManagementApi(transport, settings.projectId);
+  const api = createManagementApi(http, settings.projectId);
   const sessions = createDeviceSessions({
     host: settings.coapHost,
     port: settings.coapPort,
@@ -271,7 +286,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
     },
 
     async import(signal): Promise<SyncResult> {
-      const requestsBefore = transport.stats.requests;
+      const requestsBefore = restStats.requests;
       const { devices, pages } = await api
         .listDevices({ statePath: settings.desiredPath, signal })
         .catch((err) => {
@@ -317,14 +332,14 @@ export function createGoliothProvider(context: ProviderContext): Provider {
           localDevices: locals.length,
           matched: matched.length,
           pages,
-          requests: transport.stats.requests - requestsBefore,
+          requests: restStats.requests - requestsBefore,
           ...(failed.length > 0 ? { failures: failed.slice(0, 20) } : {}),
         },
       };
     },
 
     async export(signal): Promise<SyncResult> {
-      const requestsBefore = transport.stats.requests;
+      const requestsBefore = restStats.requests;
       const reported = context.reportedState?.() ?? new Map<string, Record<string, unknown>>();
       if (reported.size === 0) {
         return { recordsProcessed: 0, recordsSucceeded: 0, recordsFailed: 0, details: { requests: 0 } };
@@ -358,7 +373,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
           cloudDevices: devices.length,
           pages,
           path: settings.reportedPath,
-          requests: transport.stats.requests - requestsBefore,
+          requests: restStats.requests - requestsBefore,
           ...(failed.length > 0 ? { failures: failed.slice(0, 20) } : {}),
         },
       };
@@ -379,7 +394,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
       if (closed) return;
       closed = true;
       await sessions.closeAll();
-      transport.close();
+      await dispatcher?.close();
     },
   };
   return provider;
@@ -408,5 +423,10 @@ function explain(err: unknown, settings: GoliothSettings): GatewayError {
   }
   if (status === 404)
     return wrap(`Golioth has no project ${p} (404): check settings.projectId (the project ID, not its name)`);
+  if (err.code === ErrorCodes.PROVIDER_CONNECT && status === undefined) {
+    return wrap(
+      `cannot reach the Golioth API at ${settings.baseUrl} (${errorMessage(err.cause ?? err)}): check settings.baseUrl and the network`,
+    );
+  }
   return err;
 }

@@ -1,4 +1,4 @@
-import type { RestTransport } from './rest-transport.js';
+import type { HttpClient } from '../http-client.js';
 
 /**
  * The Golioth management API calls the provider makes (§3.1): project lookup, the device list
@@ -51,49 +51,55 @@ const PER_PAGE = 100;
 /** Stops a list that never ends (a server that ignores `page`). */
 const MAX_PAGES = 10_000;
 
-export function createManagementApi(transport: RestTransport, projectId: string): ManagementApi {
+export function createManagementApi(http: HttpClient, projectId: string): ManagementApi {
   const project = `/v1/projects/${encodeURIComponent(projectId)}`;
   return {
     async getProject(signal) {
-      const res = await transport.request<{ data?: GoliothProject }>({
+      const res = await http.request<{ data?: GoliothProject }>({
         method: 'GET',
         path: project,
+        operation: 'golioth_get_project',
         signal,
       });
-      return res.json.data ?? { id: projectId, name: projectId };
+      return res.body.data ?? { id: projectId, name: projectId };
     },
     async listDevices({ statePath, signal }) {
       const devices: GoliothDevice[] = [];
       let pages = 0;
       for (let page = 0; page < MAX_PAGES; page++) {
-        const res = await transport.request<Page<GoliothDevice>>({
+        const res = await http.request<Page<GoliothDevice>>({
           method: 'GET',
           path: `${project}/devices`,
           query: { page, perPage: PER_PAGE, statePath },
+          operation: 'golioth_list_devices',
           signal,
         });
         pages++;
-        const list = res.json.list ?? [];
+        const list = res.body.list ?? [];
         devices.push(...list);
-        const total = res.json.total ?? 0;
+        const total = res.body.total ?? 0;
         if (list.length === 0 || devices.length >= total) break;
       }
       return { devices, pages };
     },
     async deviceSettings(deviceId, signal) {
-      const res = await transport.request<Page<GoliothSetting>>({
+      const res = await http.request<Page<GoliothSetting>>({
         method: 'GET',
         path: `${project}/devices/${encodeURIComponent(deviceId)}/settings`,
+        operation: 'golioth_device_settings',
         signal,
       });
-      return res.json.list ?? [];
+      return res.body.list ?? [];
     },
     async writeState(deviceId, path, value, signal) {
-      // The official Python client writes LightDB State with POST (§3.1).
-      await transport.request({
+      // The official Python client writes LightDB State with POST (§3.1). Writing the same
+      // value at the same path twice leaves the same state, so a retry is safe.
+      await http.request({
         method: 'POST',
         path: `${project}/devices/${encodeURIComponent(deviceId)}/data/${path}`,
         body: value,
+        operation: 'golioth_write_state',
+        retry: true,
         signal,
       });
     },
