@@ -1,6 +1,7 @@
-import { createBackoff, type Backoff } from '../../common/backoff.js';
+import type { Backoff } from '../../common/backoff.js';
 import { ErrorCodes, GatewayError, isGatewayError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
+import { createDeviceLinkPool, type DeviceLinkPoolCounts } from '../device-link-pool.js';
 import { deviceUnavailable, type ProviderEvent } from '../provider.js';
 import {
   createCoapChannel,
@@ -14,13 +15,11 @@ import { openDtlsSession, type DtlsSession, type DtlsSessionOptions } from './dt
 /**
  * One DTLS-PSK session per child device, each as that device's own identity: Golioth
  * attributes stream data to the identity that posts it, so the gateway speaks for each device
- * with the device's PSK rather than posting everything as itself. Sessions open on a device's
- * first message, are bounded (`maxSessions`; the least recently used idle one closes to make
- * room), close after `idleTimeoutMs` unused, and a device whose session cannot be opened backs
- * off on its own (`deviceUnavailable`) while the others go on.
- *
- * The provider platform's generic device-link-pool (issue 10) had not landed when this was
- * written; it covers the same ground and is the piece to swap in.
+ * with the device's PSK rather than posting everything as itself. The sessions live in the
+ * shared device link pool (src/providers/device-link-pool.ts): opened on a device's first
+ * message, bounded (`maxSessions`, least recently used idle one closed first), closed when idle,
+ * and a device whose session fails backs off on its own (`deviceUnavailable`) while the others
+ * go on.
  */
 
 export interface DeviceCredential {
@@ -29,15 +28,16 @@ export interface DeviceCredential {
 }
 
 export interface DeviceSessions {
-  request(deviceId: string, credential: DeviceCredential, request: CoapRequest): Promise<CoapResponse>;
-  /** Counts for status: open sessions, handshakes under way, devices backing off. */
-  counts(): { open: number; opening: number; backingOff: number };
+  request(deviceId: string, request: CoapRequest): Promise<CoapResponse>;
+  counts(): DeviceLinkPoolCounts;
   closeAll(): Promise<void>;
 }
 
 export interface DeviceSessionsOptions {
   host: string;
   port: number;
+  /** The device's identity and PSK; only asked for devices that have one. */
+  credentialOf(deviceId: string): DeviceCredential;
   handshakeTimeoutMs: number;
   maxSessions: number;
   idleTimeoutMs: number;
@@ -45,102 +45,38 @@ export interface DeviceSessionsOptions {
   backoff?: Backoff;
   logger: Logger;
   report?: (event: ProviderEvent) => void;
-  /** The DTLS session opener; tests of the pool may pass another transport. */
+  /** The DTLS session opener; a test of the sessions may pass another transport. */
   open?: (options: DtlsSessionOptions) => Promise<DtlsSession>;
 }
 
-interface Entry {
-  deviceId: string;
-  ready: Promise<{ session: DtlsSession; channel: CoapChannel }>;
-  opened: { session: DtlsSession; channel: CoapChannel } | undefined;
-  inflight: number;
-  lastUsed: number;
-  idleTimer: NodeJS.Timeout | undefined;
+interface Link {
+  session: DtlsSession;
+  channel: CoapChannel;
 }
 
 export function createDeviceSessions(options: DeviceSessionsOptions): DeviceSessions {
-  const open = options.open ?? openDtlsSession;
-  const backoff = options.backoff ?? createBackoff({ baseMs: 1000, maxMs: 60_000 });
-  const entries = new Map<string, Entry>();
-  const failures = new Map<string, { count: number; until: number }>();
-  let closed = false;
+  const openSession = options.open ?? openDtlsSession;
   const log = options.logger;
 
-  const drop = (entry: Entry, reason: string) => {
-    if (entries.get(entry.deviceId) !== entry) return;
-    entries.delete(entry.deviceId);
-    if (entry.idleTimer !== undefined) clearTimeout(entry.idleTimer);
-    const opened = entry.opened;
-    if (opened !== undefined) {
-      opened.channel.close(
-        new GatewayError(
-          ErrorCodes.PROVIDER_CLOSED,
-          `the DTLS session of ${entry.deviceId} closed (${reason})`,
-          {
-            retryable: true,
-          },
-        ),
-      );
-      void opened.session.close();
-    }
-    log.debug({ deviceId: entry.deviceId, reason }, 'device_session_closed');
-  };
-
-  const armIdle = (entry: Entry) => {
-    if (entry.idleTimer !== undefined) clearTimeout(entry.idleTimer);
-    entry.idleTimer = setTimeout(() => {
-      if (entry.inflight === 0) drop(entry, 'idle');
-    }, options.idleTimeoutMs);
-    entry.idleTimer.unref();
-  };
-
-  const makeRoom = (): boolean => {
-    if (entries.size < options.maxSessions) return true;
-    let lru: Entry | undefined;
-    for (const e of entries.values()) {
-      if (e.inflight === 0 && e.opened !== undefined && (lru === undefined || e.lastUsed < lru.lastUsed))
-        lru = e;
-    }
-    if (lru === undefined) return false;
-    drop(lru, 'evicted');
-    return true;
-  };
-
-  const entryFor = (deviceId: string, credential: DeviceCredential): Entry => {
-    const existing = entries.get(deviceId);
-    if (existing !== undefined) return existing;
-    if (!makeRoom()) {
-      throw deviceUnavailable(
-        deviceId,
-        `all ${options.maxSessions} DTLS sessions are busy; raise settings.maxSessions if this persists`,
-        1000,
-      );
-    }
-    const entry: Entry = {
-      deviceId,
-      ready: undefined as unknown as Entry['ready'],
-      opened: undefined,
-      inflight: 0,
-      lastUsed: Date.now(),
-      idleTimer: undefined,
-    };
-    const started = performance.now();
-    entry.ready = open({
-      host: options.host,
-      port: options.port,
-      identity: credential.identity,
-      psk: credential.psk,
-      handshakeTimeoutMs: options.handshakeTimeoutMs,
-    }).then(
-      (session) => {
-        const channel = createCoapChannel(session, options.coap);
-        entry.opened = { session, channel };
-        session.onClose((err) => drop(entry, err.message));
-        failures.delete(deviceId);
-        if (closed || entries.get(deviceId) !== entry) {
-          void session.close();
-          throw new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the provider closed', { retryable: true });
-        }
+  const pool = createDeviceLinkPool<Link>({
+    maxLinks: options.maxSessions,
+    idleTimeoutMs: options.idleTimeoutMs,
+    ...(options.backoff ? { backoff: options.backoff } : {}),
+    logger: log,
+    async open(deviceId, signal) {
+      const credential = options.credentialOf(deviceId);
+      const started = performance.now();
+      try {
+        const session = await openSession({
+          host: options.host,
+          port: options.port,
+          identity: credential.identity,
+          psk: credential.psk,
+          handshakeTimeoutMs: options.handshakeTimeoutMs,
+          signal,
+        });
+        const link: Link = { session, channel: createCoapChannel(session, options.coap) };
+        session.onClose((err) => pool.lost(deviceId, link, err));
         options.report?.({
           activityType: 'device_session_opened',
           direction: 'outgoing',
@@ -148,57 +84,39 @@ export function createDeviceSessions(options: DeviceSessionsOptions): DeviceSess
           responseTimeMs: Math.round(performance.now() - started),
           metadata: { deviceId, identity: credential.identity },
         });
-        return entry.opened;
-      },
-      (err: unknown) => {
-        entries.delete(deviceId);
-        const f = failures.get(deviceId) ?? { count: 0, until: 0 };
-        const waitMs = Math.max(1000, backoff.delay(f.count));
-        failures.set(deviceId, { count: f.count + 1, until: Date.now() + waitMs });
-        const message = isGatewayError(err) ? err.message : String(err);
+        return link;
+      } catch (err) {
         options.report?.({
           activityType: 'device_session_opened',
           direction: 'outgoing',
           status: 'failed',
           responseTimeMs: Math.round(performance.now() - started),
           errorCode: isGatewayError(err) ? err.code : ErrorCodes.PROVIDER_CONNECT,
-          errorMessage: message,
-          metadata: { deviceId, identity: credential.identity, retryAfterMs: waitMs },
+          errorMessage: err instanceof Error ? err.message : String(err),
+          metadata: { deviceId, identity: credential.identity },
         });
-        log.warn(
-          { deviceId, identity: credential.identity, retryAfterMs: waitMs, err },
-          'device_session_failed',
-        );
-        throw deviceUnavailable(deviceId, message, waitMs, err);
-      },
-    );
-    entries.set(deviceId, entry);
-    return entry;
-  };
+        log.warn({ deviceId, identity: credential.identity, err }, 'device_session_failed');
+        throw err;
+      }
+    },
+    async close(link) {
+      link.channel.close(
+        new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the device session closed', { retryable: true }),
+      );
+      await link.session.close();
+    },
+  });
 
   return {
-    async request(deviceId, credential, request) {
-      if (closed)
-        throw new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the provider closed', { retryable: true });
-      const f = failures.get(deviceId);
-      if (f !== undefined && f.until > Date.now()) {
-        throw deviceUnavailable(
-          deviceId,
-          `the DTLS session of ${deviceId} failed recently; retrying later`,
-          f.until - Date.now(),
-        );
-      }
-      const entry = entryFor(deviceId, credential);
-      entry.inflight++;
-      entry.lastUsed = Date.now();
+    async request(deviceId, request) {
+      const link = await pool.acquire(deviceId);
       try {
-        const { channel } = await entry.ready;
-        return await channel.request(request);
+        return await pool.use(deviceId, (l) => l.channel.request(request));
       } catch (err) {
         // No ACK after every retransmission: the server may have dropped the session (restart,
-        // NAT rebinding); open a fresh one next time rather than talk into the void.
+        // NAT rebinding); a fresh one is opened next time rather than talking into the void.
         if (isGatewayError(err) && err.code === ErrorCodes.PROVIDER_TIMEOUT) {
-          drop(entry, 'no answer');
+          pool.lost(deviceId, link, err);
           throw deviceUnavailable(
             deviceId,
             `Golioth did not answer ${deviceId}'s request: ${err.message}`,
@@ -207,27 +125,13 @@ export function createDeviceSessions(options: DeviceSessionsOptions): DeviceSess
           );
         }
         throw err;
-      } finally {
-        entry.inflight--;
-        entry.lastUsed = Date.now();
-        if (entries.get(deviceId) === entry) armIdle(entry);
       }
     },
     counts() {
-      let open = 0;
-      let opening = 0;
-      for (const e of entries.values()) {
-        if (e.opened === undefined) opening++;
-        else open++;
-      }
-      const now = Date.now();
-      const backingOff = [...failures.values()].filter((f) => f.until > now).length;
-      return { open, opening, backingOff };
+      return pool.counts;
     },
-    async closeAll() {
-      closed = true;
-      const all = [...entries.values()];
-      for (const e of all) drop(e, 'provider closed');
+    closeAll() {
+      return pool.closeAll();
     },
   };
 }

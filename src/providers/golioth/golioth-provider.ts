@@ -96,6 +96,12 @@ export function createGoliothProvider(context: ProviderContext): Provider {
   });
   const api = createManagementApi(http, settings.projectId);
   const sessions = createDeviceSessions({
+    credentialOf: (deviceId) => {
+      const credential = credentialOf(deviceId);
+      // publishTelemetry checks for a PSK before it asks for a session.
+      if (credential === undefined) throw new Error(`no PSK for ${deviceId}`);
+      return credential;
+    },
     host: settings.coapHost,
     port: settings.coapPort,
     handshakeTimeoutMs: settings.handshakeTimeout,
@@ -185,7 +191,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
     const waitMs = limiter.take();
     if (waitMs > 0) throw throttled(`${deviceId} is at Golioth's 20 requests/s`, waitMs, deviceId);
     const path = `/.s/${settings.streamPath}${stream === undefined ? '' : `/${stream}`}`;
-    const res = await sessions.request(deviceId, credential, {
+    const res = await sessions.request(deviceId, {
       method: 'POST',
       path,
       contentFormat: CONTENT_FORMAT_JSON,
