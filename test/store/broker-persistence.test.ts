@@ -204,6 +204,21 @@ describe('bounds', () => {
   });
 });
 
+describe('retained lookup', () => {
+  it('matches wildcards at the edges: an empty last level, the parent of #, + at the root', async () => {
+    const p = open();
+    for (const topic of ['a', 'a/', 'a/b', 'a/b/c', 'a0', 'b/x'])
+      await p.storeRetained({ ...publish(topic, topic, 1, 0), retain: true });
+    const topics = async (pattern: string) =>
+      (await all(p.createRetainedStream(pattern))).map((m) => m.topic).sort();
+    expect(await topics('a/#')).toEqual(['a', 'a/', 'a/b', 'a/b/c']);
+    expect(await topics('a/+')).toEqual(['a/', 'a/b']);
+    expect(await topics('+/x')).toEqual(['b/x']);
+    expect(await topics('#')).toEqual(['a', 'a/', 'a/b', 'a/b/c', 'a0', 'b/x']);
+    expect(await topics('a0')).toEqual(['a0']);
+  });
+});
+
 describe('the topic → subscriber lookup', () => {
   it('matches wildcards and follows subscription changes through its cache', async () => {
     const p = open();
