@@ -1,6 +1,6 @@
 import cron from 'node-cron';
 import { z } from 'zod';
-import { providerSettingsSchemas, PROVIDER_TYPES } from '../providers/settings.js';
+import { providerIntegrationChecks, providerSettingsSchemas, PROVIDER_TYPES } from '../providers/settings.js';
 import { topicFilterProblem } from './topic-filter.js';
 import { durationSchema, rateSchema, sizeSchema } from './units.js';
 
@@ -264,6 +264,19 @@ export const configSchema = z
         });
       }
       ids.set(integration.id, i);
+    });
+    // Provider checks across settings, routes and the listed devices (e.g. Golioth telemetry needs PSKs).
+    const deviceIds = cfg.broker.devices.map((d) => d.id);
+    cfg.integrations.forEach((integration, i) => {
+      const check = providerIntegrationChecks[integration.type];
+      if (check === undefined || !integration.enabled) return;
+      for (const problem of check(integration.settings, integration.routes, deviceIds)) {
+        ctx.addIssue({
+          code: z.ZodIssueCode.custom,
+          path: ['integrations', i, ...problem.path],
+          message: problem.message,
+        });
+      }
     });
     const devices = new Map<string, number>();
     cfg.broker.devices.forEach((device, i) => {
