@@ -991,6 +991,15 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     async expireSessions() {
       if (limits.sessionExpiryMs <= 0) return 0;
+      // Connected devices are seen now, every round: a kill -9 costs them at most one round.
+      const online = [...connected.keys()];
+      for (let i = 0; i < online.length; i += EXPIRE_CHUNK) {
+        const chunk = online.slice(i, i + EXPIRE_CHUNK);
+        const at = now();
+        await call(() => {
+          for (const clientId of chunk) st.sessionTouch.run(at, clientId);
+        });
+      }
       let expired = 0;
       // Chunks keep each transaction short; bounded by the sessions there are.
       for (;;) {

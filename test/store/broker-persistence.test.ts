@@ -219,6 +219,21 @@ describe('retained lookup', () => {
   });
 });
 
+it('counts a device connected when the process died as seen at the last housekeeping round', async () => {
+  const before = open({ sessionExpiryMs: 60_000 });
+  await before.addSubscriptions({ id: 'x' }, [{ topic: 'devices/x/commands/#', qos: 1 }]);
+  before.clientConnected('x');
+  clock += 50_000;
+  expect(await before.expireSessions()).toBe(0);
+  // kill -9: no disconnect is ever reported; the next process starts on the same file.
+  const after = open({ sessionExpiryMs: 60_000 });
+  clock += 40_000;
+  expect(await after.expireSessions()).toBe(0);
+  expect(await after.subscriptionsByClient({ id: 'x' })).toHaveLength(1);
+  clock += 30_000;
+  expect(await after.expireSessions()).toBe(1);
+});
+
 describe('the topic → subscriber lookup', () => {
   it('matches wildcards and follows subscription changes through its cache', async () => {
     const p = open();
