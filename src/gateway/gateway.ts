@@ -122,6 +122,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     config,
     configState: () => reloader.state(),
     broker: () => broker,
+    brokerPersistence: () => brokerPersistence,
     listeners: () => boundListeners,
     store: () => store,
     activity: () => activity,

@@ -6,6 +6,7 @@ import type { Outbox } from '../store/outbox-types.js';
 import type { ReplicationStatus, Replicator } from '../store/replicator.js';
 import type { WalState } from '../store/wal-watch.js';
 import type { Broker } from './broker/broker.js';
+import type { BrokerPersistence } from '../store/broker-persistence.js';
 import type { Readiness } from './http/http-server.js';
 import type { GatewayStatusSnapshot, IntegrationStatus } from './http/status.js';
 import type { IntegrationRuntime } from './integration-runtime.js';
@@ -21,6 +22,8 @@ export interface StatusSources {
   config(): Readonly<Config>;
   configState(): GatewayStatusSnapshot['config'];
   broker(): Broker | undefined;
+  /** The broker persistence, with broker.persistence: sqlite. */
+  brokerPersistence?(): BrokerPersistence | undefined;
   listeners(): GatewayStatusSnapshot['broker']['listeners'];
   store(): Store | undefined;
   activity(): ActivityLog | undefined;
@@ -141,6 +144,7 @@ export function createGatewayStatus(sources: StatusSources): GatewayStatus {
           packetTooLarge: broker?.stats.rejectedPackets ?? 0,
           loginBackoff: broker?.stats.loginBackoffRefusals ?? 0,
         },
+        ...brokerState(sources.brokerPersistence?.()),
       },
       store: {
         file: store?.file ?? '',
@@ -156,4 +160,12 @@ export function createGatewayStatus(sources: StatusSources): GatewayStatus {
   }
 
   return { snapshot, readiness: () => readiness() };
+}
+
+function brokerState(
+  persistence: BrokerPersistence | undefined,
+): Pick<GatewayStatusSnapshot['broker'], 'state'> {
+  if (persistence === undefined) return {};
+  const { queueDropped, retainedDropped, sessionsExpired } = persistence.stats;
+  return { state: { queueDropped, retainedDropped, sessionsExpired } };
 }

@@ -181,10 +181,10 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
     ),
     retainedExact: db.prepare('SELECT topic, meta, payload FROM broker_retained WHERE topic = ?'),
     retainedRange: db.prepare(
-      'SELECT topic, meta, payload FROM broker_retained WHERE topic > ? AND topic < ? ORDER BY topic LIMIT ?',
+      'SELECT topic, meta, payload FROM broker_retained WHERE topic >= ? AND topic < ? ORDER BY topic LIMIT ?',
     ),
     retainedAll: db.prepare(
-      'SELECT topic, meta, payload FROM broker_retained WHERE topic > ? ORDER BY topic LIMIT ?',
+      'SELECT topic, meta, payload FROM broker_retained WHERE topic >= ? ORDER BY topic LIMIT ?',
     ),
 
     sessionEnsure: db.prepare(
@@ -593,16 +593,17 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       const parent = st.retainedExact.get(prefix) as RetainedRow | undefined;
       if (parent) yield decodePacket(parent);
     }
-    // Topics under `prefix/` sort between `prefix/` and `prefix0` ('0' follows '/').
-    let after = literal === 0 ? '' : `${prefix}/`;
+    // Topics under `prefix/` sort from `prefix/` (itself a topic: an empty last level) up to
+    // `prefix0` ('0' follows '/'); a page goes on just after the last topic (a topic holds no NUL).
+    let from = literal === 0 ? '' : `${prefix}/`;
     const upper = literal === 0 ? undefined : `${prefix}0`;
     for (;;) {
       const rows = (
-        upper === undefined ? st.retainedAll.all(after, PAGE) : st.retainedRange.all(after, upper, PAGE)
+        upper === undefined ? st.retainedAll.all(from, PAGE) : st.retainedRange.all(from, upper, PAGE)
       ) as RetainedRow[];
       for (const row of rows) if (topicMatches(pattern, row.topic.split('/'))) yield decodePacket(row);
       if (rows.length < PAGE) return;
-      after = rows[rows.length - 1]!.topic;
+      from = `${rows[rows.length - 1]!.topic}\u0000`;
       // Let the loop serve others between pages of a large scan.
       await new Promise((resolve) => setImmediate(resolve));
     }
@@ -990,6 +991,15 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
 
     async expireSessions() {
       if (limits.sessionExpiryMs <= 0) return 0;
+      // Connected devices are seen now, every round: a kill -9 costs them at most one round.
+      const online = [...connected.keys()];
+      for (let i = 0; i < online.length; i += EXPIRE_CHUNK) {
+        const chunk = online.slice(i, i + EXPIRE_CHUNK);
+        const at = now();
+        await call(() => {
+          for (const clientId of chunk) st.sessionTouch.run(at, clientId);
+        });
+      }
       let expired = 0;
       // Chunks keep each transaction short; bounded by the sessions there are.
       for (;;) {

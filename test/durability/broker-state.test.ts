@@ -26,7 +26,10 @@ interface World {
   configFile: string;
 }
 
-async function startWorld(cleanup: (() => unknown)[], extraDevices: readonly string[] = []): Promise<World> {
+async function startWorld(
+  cleanup: (() => unknown)[],
+  options: { devices?: readonly string[]; broker?: readonly string[]; http?: boolean } = {},
+): Promise<World> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-broker-state-'));
   cleanup.push(() => rmSync(dir, { recursive: true, force: true }));
   const port = await freePort();
@@ -40,11 +43,12 @@ async function startWorld(cleanup: (() => unknown)[], extraDevices: readonly str
       `  listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }]`,
       '  devices:',
       `    - { id: lamp, passwordHash: "${hash}" }`,
-      ...extraDevices.map((id) => `    - { id: ${id}, passwordHash: "${hash}" }`),
+      ...(options.devices ?? []).map((id) => `    - { id: ${id}, passwordHash: "${hash}" }`),
       // The cloud side, standing in for a provider: sends commands and desired state to devices.
       `    - { id: ctl, passwordHash: "${hash}", acl: { publish: ["devices/+/commands/#", "devices/+/desired"], subscribe: [] } }`,
+      ...(options.broker ?? []).map((line) => `  ${line}`),
       'features: { retainedStatus: false }',
-      'http: { enabled: false }',
+      options.http ? 'http: { host: 127.0.0.1, port: 0 }' : 'http: { enabled: false }',
     ].join('\n'),
   );
   return { dir, port, configFile };
@@ -192,7 +196,7 @@ describe('durability: the broker state survives kill -9 and power cuts', () => {
     { timeout: 180_000 },
     async () => {
       const ids = ['pc1', 'pc2', 'pc3'];
-      const world = await startWorld(cleanup, ids);
+      const world = await startWorld(cleanup, { devices: ids });
       const shim = buildShim(world.dir);
       const dataDir = join(world.dir, 'data');
       let daemon: DaemonHandle | undefined;
@@ -222,6 +226,45 @@ describe('durability: the broker state survives kill -9 and power cuts', () => {
       await waitFor(() => devices.every((d) => d.got.length >= 1), 30_000);
       expect(devices.map((d) => d.got.map((m) => m.payload))).toEqual(ids.map((id) => [`to-${id}`]));
       for (const d of devices) await d.client.endAsync();
+      expect(await daemon.stop('SIGTERM')).toBe(0);
+    },
+  );
+
+  it(
+    "caps a sleeping device's queue: the oldest go, counted in the log and /api/status",
+    { timeout: 120_000 },
+    async () => {
+      const world = await startWorld(cleanup, { broker: ['offlineQueue: { maxMessages: 2 }'], http: true });
+      let daemon: DaemonHandle = startDaemon(world.configFile);
+      cleanup.push(() => daemon.stop('SIGKILL'));
+      await daemon.ready;
+      const lamp = await connect(world, 'lamp', false);
+      await lamp.client.subscribeAsync('devices/lamp/commands/#', { qos: 1 });
+      await lamp.client.endAsync();
+      const ctl = await connect(world, 'ctl', true);
+      for (const n of [1, 2, 3, 4, 5])
+        await ctl.client.publishAsync('devices/lamp/commands/set', `c${n}`, { qos: 1 });
+      await ctl.client.endAsync();
+      const dropped = () =>
+        daemon.lines
+          .filter((l) => l.msg === 'broker_queue_dropped' && l.clientId === 'lamp')
+          .reduce((n, l) => n + (l.dropped as number), 0);
+      await waitFor(() => dropped() === 3, 30_000);
+      const http = (await daemon.ready).http as { host: string; port: number };
+      const status = (await (await fetch(`http://127.0.0.1:${http.port}/api/status`)).json()) as {
+        broker: { state?: { queueDropped: number } };
+      };
+      expect(status.broker.state?.queueDropped).toBe(3);
+
+      // Through a kill -9 too: the newest two are what the lamp gets.
+      daemon.proc.kill('SIGKILL');
+      await daemon.exited;
+      daemon = startDaemon(world.configFile);
+      await daemon.ready;
+      const back = await connect(world, 'lamp', false);
+      await waitFor(() => back.got.length >= 2, 30_000);
+      expect(back.got.map((m) => m.payload)).toEqual(['c4', 'c5']);
+      await back.client.endAsync();
       expect(await daemon.stop('SIGTERM')).toBe(0);
     },
   );

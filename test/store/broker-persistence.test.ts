@@ -204,6 +204,36 @@ describe('bounds', () => {
   });
 });
 
+describe('retained lookup', () => {
+  it('matches wildcards at the edges: an empty last level, the parent of #, + at the root', async () => {
+    const p = open();
+    for (const topic of ['a', 'a/', 'a/b', 'a/b/c', 'a0', 'b/x'])
+      await p.storeRetained({ ...publish(topic, topic, 1, 0), retain: true });
+    const topics = async (pattern: string) =>
+      (await all(p.createRetainedStream(pattern))).map((m) => m.topic).sort();
+    expect(await topics('a/#')).toEqual(['a', 'a/', 'a/b', 'a/b/c']);
+    expect(await topics('a/+')).toEqual(['a/', 'a/b']);
+    expect(await topics('+/x')).toEqual(['b/x']);
+    expect(await topics('#')).toEqual(['a', 'a/', 'a/b', 'a/b/c', 'a0', 'b/x']);
+    expect(await topics('a0')).toEqual(['a0']);
+  });
+});
+
+it('counts a device connected when the process died as seen at the last housekeeping round', async () => {
+  const before = open({ sessionExpiryMs: 60_000 });
+  await before.addSubscriptions({ id: 'x' }, [{ topic: 'devices/x/commands/#', qos: 1 }]);
+  before.clientConnected('x');
+  clock += 50_000;
+  expect(await before.expireSessions()).toBe(0);
+  // kill -9: no disconnect is ever reported; the next process starts on the same file.
+  const after = open({ sessionExpiryMs: 60_000 });
+  clock += 40_000;
+  expect(await after.expireSessions()).toBe(0);
+  expect(await after.subscriptionsByClient({ id: 'x' })).toHaveLength(1);
+  clock += 30_000;
+  expect(await after.expireSessions()).toBe(1);
+});
+
 describe('the topic → subscriber lookup', () => {
   it('matches wildcards and follows subscription changes through its cache', async () => {
     const p = open();

@@ -57,6 +57,8 @@ export interface GatewayStatusSnapshot {
     authFailures: number;
     /** Refused at the door: broker.maxConnections, broker.connectRate, broker.maxPacketSize, broker.loginBackoff. */
     refused: { maxConnections: number; connectRate: number; packetTooLarge: number; loginBackoff: number };
+    /** The broker's state in the store (broker.persistence: sqlite): what its bounds took since start. */
+    state?: { queueDropped: number; retainedDropped: number; sessionsExpired: number };
   };
   store: {
     file: string;
