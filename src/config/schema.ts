@@ -200,6 +200,9 @@ export const configSchema = z
         maxConnections: z.number().int().positive().default(10_000),
         connectTimeout: duration('10s'),
         keepaliveLimit: duration('20m'),
+        // Keepalive 0 (no keepalive, allowed by MQTT 3.1.1) is accepted unless a site refuses it;
+        // idle sockets are reaped by connectTimeout, maxConnections and TCP keepalive meanwhile.
+        allowKeepaliveZero: z.boolean().default(true),
         // Token buckets checked when a socket is accepted, before TLS or MQTT (S13, R15).
         connectRate: z
           .object({
@@ -375,7 +378,6 @@ export const RESTART_REQUIRED_KEYS = [
   'broker.maxPacketSize',
   'broker.maxConnections',
   'broker.connectTimeout',
-  'broker.keepaliveLimit',
   'http',
   'features',
 ] as const;

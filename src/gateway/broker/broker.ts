@@ -21,6 +21,7 @@ import {
   createDeviceAuthenticator,
   revocationReason,
   type AuthFailureReason,
+  type ConnackRefusal,
   type Identity,
 } from './device-auth.js';
 import {
@@ -129,6 +130,26 @@ interface ConnectFields {
   clientId: string;
   clean: boolean;
   willTopic: string | null;
+  /** Seconds; 0 = no keepalive. */
+  keepalive: number;
+}
+
+/**
+ * Where a publish to a `$` topic goes once acknowledged: a `$` name that no client may subscribe
+ * to (canSubscribe refuses every `$` filter) and that no aedes-internal `$SYS/+/…` handler matches.
+ */
+const DISCARDED_TOPIC = '$gateway-discarded';
+
+/**
+ * The CONNACK refusal for a CONNECT whose keepalive this gateway will not serve, or null. MQTT
+ * 3.1.1 has no return code for it (aedes' 6 is not one); Mosquitto answers 2 for a 3.1.1 client.
+ */
+export function keepaliveRefusal(
+  keepaliveSeconds: number,
+  config: Pick<Config['broker'], 'keepaliveLimit' | 'allowKeepaliveZero'>,
+): 'keepalive_zero' | 'keepalive_too_long' | null {
+  if (keepaliveSeconds === 0) return config.allowKeepaliveZero ? null : 'keepalive_zero';
+  return keepaliveSeconds * 1000 > config.keepaliveLimit ? 'keepalive_too_long' : null;
 }
 
 const DRAIN_TIMEOUT_MS = 30_000;
@@ -206,7 +227,8 @@ export function createBroker(options: BrokerOptions): Broker {
     return acl;
   };
 
-  const refuse = (returnCode: number, message: string): Error & { returnCode: number } =>
+  /** A CONNACK refusal: aedes sends `returnCode`, which must be one MQTT 3.1.1 defines (2–5). */
+  const refuse = (returnCode: ConnackRefusal, message: string): Error & { returnCode: number } =>
     Object.assign(new Error(message), { returnCode });
 
   const recordAuthFailure = (
@@ -227,7 +249,9 @@ export function createBroker(options: BrokerOptions): Broker {
   const aedes = new Aedes({
     id: gatewayId,
     connectTimeout: config.connectTimeout,
-    keepaliveLimit: Math.floor(config.keepaliveLimit / 1000),
+    // aedes would answer keepalive 0 and keepalives over its limit with CONNACK 6, which MQTT
+    // 3.1.1 does not define; authenticate checks them against the live config instead.
+    keepaliveLimit: 0,
     maxTopicLevels: 100,
     drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
@@ -237,6 +261,7 @@ export function createBroker(options: BrokerOptions): Broker {
         clientId: typeof packet.clientId === 'string' ? packet.clientId : '',
         clean: packet.clean !== false,
         willTopic: packet.will ? String(packet.will.topic) : null,
+        keepalive: typeof packet.keepalive === 'number' ? packet.keepalive : 0,
       });
       callback(null, true);
     },
@@ -254,6 +279,21 @@ export function createBroker(options: BrokerOptions): Broker {
         certIdentity: info?.certIdentity ?? null,
         remoteAddress,
       };
+      // Checked before the password, so a refused keepalive costs no scrypt.
+      const keepaliveProblem = keepaliveRefusal(fields?.keepalive ?? 0, config);
+      if (keepaliveProblem !== null) {
+        throttle.note(
+          'connection_rejected',
+          remoteAddress,
+          { clientId, remoteAddress, reason: keepaliveProblem, keepalive: fields?.keepalive ?? 0 },
+          null,
+          keepaliveProblem === 'keepalive_zero'
+            ? 'keepalive 0 refused (broker.allowKeepaliveZero is false)'
+            : `keepalive over broker.keepaliveLimit (${config.keepaliveLimit} ms)`,
+        );
+        done(refuse(2, keepaliveProblem) as never, false);
+        return;
+      }
       auth
         .authenticate(attempt)
         .then((result) => {
@@ -304,10 +344,27 @@ export function createBroker(options: BrokerOptions): Broker {
       };
       try {
         const topic = packet.topic;
-        // Keeps aedes' own `$SYS/` guard (aedes #597) and closes every other `$` topic too.
+        // `$` topics are the server's (MQTT 4.7.2). A client's publish there is acknowledged as its
+        // QoS requires and discarded, as Mosquitto does: MQTT 3.1.1 allows that or a close
+        // (MQTT-3.3.5-2). It goes through aedes under a name nothing receives and not retained,
+        // so neither aedes' own `$SYS/+/new/clients` takeover (aedes #597) nor a subscriber sees it.
         if (topic.startsWith('$')) {
-          logger.warn({ clientId: client?.id ?? null, topic }, 'publish_denied');
-          return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+          if (client === null) {
+            return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+          }
+          const remoteAddress = sessions.get(client)?.remoteAddress ?? null;
+          logger.warn({ clientId: client.id, topic }, 'publish_discarded');
+          throttle.note(
+            'acl_denied',
+            remoteAddress,
+            { clientId: client.id, remoteAddress, topic },
+            ErrorCodes.ACL_DENIED,
+            'publish to a reserved $ topic acknowledged and discarded',
+          );
+          packet.topic = DISCARDED_TOPIC;
+          packet.retain = false;
+          packet.payload = Buffer.alloc(0);
+          return done(null);
         }
         // A will published after its client is gone arrives without a client (aedes _clearWills).
         const willOwner = (packet as { clientId?: unknown }).clientId;
