@@ -149,6 +149,8 @@ export async function startSystem(
         [
           // BENCH_PROFILE=DIR writes a V8 CPU profile of the gateway there (open it in Chrome DevTools).
           ...(process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] : []),
+          // BENCH_GATEWAY_NODE_ARGS: extra node options for the gateway only (e.g. --heapsnapshot-signal=SIGUSR2).
+          ...(process.env.BENCH_GATEWAY_NODE_ARGS?.split(' ').filter((a) => a !== '') ?? []),
           gatewayCliPath(ctx.root),
           'run',
           '-c',
