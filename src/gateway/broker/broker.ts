@@ -5,6 +5,7 @@ import type { Duplex } from 'node:stream';
 import type { Config } from '../../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
+import { createFloodReporter, latestEvent } from '../../common/flood-reporter.js';
 import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
 import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
@@ -56,6 +57,12 @@ export interface BrokerOptions {
    * aedes closes that connection (default 30 s); other devices are served meanwhile.
    */
   drainTimeoutMs?: number;
+  /**
+   * Local presence, by device id (the id its rows carry): a client finished its CONNECT (true)
+   * or its current session ended (false). A takeover by the same client id may report offline
+   * then online; a session that ends after a newer one took its place reports nothing.
+   */
+  onPresence?: (deviceId: string, online: boolean) => void;
 }
 
 export interface BrokerStats {
@@ -241,7 +248,7 @@ export function createBroker(options: BrokerOptions): Broker {
       'auth_failed',
       remoteAddress,
       { clientId, remoteAddress, reason },
-      'GW_ERR_AUTH_FAILED',
+      ErrorCodes.AUTH_FAILED,
       `connection refused: ${reason}`,
     );
   };
@@ -444,15 +451,28 @@ export function createBroker(options: BrokerOptions): Broker {
     },
   });
 
+  const presence = (session: Session, online: boolean) => {
+    try {
+      options.onPresence?.(session.identity.id, online);
+    } catch (err) {
+      logger.error({ err, clientId: session.client.id }, 'presence_listener_failed');
+    }
+  };
+
   aedes.on('clientReady', (client) => {
     const session = sessions.get(client);
     if (!session) return;
     session.connectedAt = Date.now();
     connected.set(client.id, session);
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
+    presence(session, true);
   });
   aedes.on('clientDisconnect', (client) => {
-    if (connected.get(client.id)?.client === client) connected.delete(client.id);
+    const current = connected.get(client.id);
+    if (current?.client === client) {
+      connected.delete(client.id);
+      presence(current, false);
+    }
     const identity = sessions.get(client)?.identity;
     if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);
     logger.info({ clientId: client.id }, 'device_disconnected');
@@ -782,65 +802,28 @@ interface ActivityThrottle {
  * flood: at most one row per second per type and remote address, carrying how many it stands for.
  */
 function createActivityThrottle(activity: ActivityLog, logger: Logger, windowMs: number): ActivityThrottle {
-  interface Slot {
-    lastAt: number;
-    pending: number;
-    timer: NodeJS.Timeout | null;
-    row: ActivityEntry | null;
-  }
-  const slots = new Map<string, Slot>();
-  const MAX_SLOTS = 10_000;
-
-  const write = (row: ActivityEntry, count: number) => {
-    const entry = { ...row, metadata: { ...row.metadata, count } };
-    logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
-    activity.record(entry);
-  };
-
-  const flushSlot = (slot: Slot) => {
-    if (slot.timer) clearTimeout(slot.timer);
-    slot.timer = null;
-    if (slot.pending > 0 && slot.row) write(slot.row, slot.pending);
-    slot.pending = 0;
-    slot.lastAt = Date.now();
-  };
-
-  const sweep = (now: number) => {
-    for (const [key, slot] of slots)
-      if (slot.timer === null && now - slot.lastAt >= windowMs) slots.delete(key);
-  };
-
+  const flood = createFloodReporter<ActivityEntry>({
+    windowMs,
+    fold: latestEvent,
+    overflowKey: (_key, row) => `${row.activityType}|*`,
+    report(_key, row, count) {
+      const entry = { ...row, metadata: { ...row.metadata, count } };
+      logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
+      activity.record(entry);
+    },
+  });
   return {
     note(activityType, remoteAddress, metadata, errorCode, errorMessage) {
-      const now = Date.now();
-      if (slots.size >= MAX_SLOTS) sweep(now);
-      // Past the cap (a spoofed-address storm), everything shares one slot per type.
-      const key = slots.size >= MAX_SLOTS ? `${activityType}|*` : `${activityType}|${remoteAddress ?? ''}`;
-      const row: ActivityEntry = {
+      flood.note(`${activityType}|${remoteAddress ?? ''}`, {
         activityType,
         direction: 'incoming',
         status: 'failed',
         errorCode,
         errorMessage,
         metadata,
-      };
-      const slot = slots.get(key);
-      if (!slot || (slot.timer === null && now - slot.lastAt >= windowMs)) {
-        slots.set(key, { lastAt: now, pending: 0, timer: null, row: null });
-        write(row, 1);
-        return;
-      }
-      slot.pending++;
-      slot.row = row;
-      if (slot.timer === null) {
-        slot.timer = setTimeout(() => flushSlot(slot), Math.max(0, slot.lastAt + windowMs - now));
-        slot.timer.unref();
-      }
+      });
     },
-    flush() {
-      for (const slot of slots.values()) flushSlot(slot);
-      slots.clear();
-    },
+    flush: () => flood.flush(),
   };
 }
 
