@@ -365,6 +365,20 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
     settle((packet as IPubackPacket).reasonCode);
   });
   const generateOptions = { protocolVersion: options.protocolVersion };
+  // The publishes of one turn of the loop leave in one writev, not one syscall each.
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    client.stream.uncork();
+  };
+  const write = (bytes: Buffer, callback?: () => void) => {
+    if (!corked) {
+      corked = true;
+      client.stream.cork();
+      process.nextTick(uncork);
+    }
+    client.stream.write(bytes, callback);
+  };
 
   const failPending = (err: GatewayError) => {
     clearInterval(sweep);
@@ -475,7 +489,7 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
             retain: publishOptions.retain ?? false,
             dup: false,
           };
-          client.stream.write(generate(packet, generateOptions), () => settle(undefined));
+          write(generate(packet, generateOptions), () => settle(undefined));
         });
       }
       if (publishOptions.qos === 1 && publishOptions.properties === undefined) {
@@ -507,7 +521,7 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
               dup: false,
               messageId,
             };
-            client.stream.write(generate(packet, generateOptions));
+            write(generate(packet, generateOptions));
           });
         }
       }
