@@ -1,4 +1,5 @@
 import { ErrorCodes, GatewayError } from '../errors.js';
+import { createGoliothProvider } from './golioth/golioth-provider.js';
 import { createMqttProvider } from './mqtt/mqtt-provider.js';
 import type { Provider, ProviderContext, ProviderFactory } from './provider.js';
 import type { AvailableType } from './settings.js';
@@ -14,6 +15,7 @@ export type ProviderFactories = Readonly<Partial<Record<string, ProviderFactory>
  */
 export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   mqtt: createMqttProvider,
+  golioth: createGoliothProvider,
 };
 
 export function createProvider(
