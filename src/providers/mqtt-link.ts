@@ -442,6 +442,8 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
     topic: string,
     deadline: number,
     run: (settle: (err: GatewayError | undefined, value?: T) => void) => void,
+    /** Runs once however the operation settles (ack, timeout, loss, close). */
+    cleanup?: () => void,
   ) {
     return new Promise<T>((resolve, reject) => {
       let done = false;
@@ -450,6 +452,7 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
         if (done) return;
         done = true;
         pending.delete(entry);
+        cleanup?.();
         if (err) reject(err);
         else resolve(value as T);
       }
@@ -496,33 +499,39 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
         const messageId = ids.allocate();
         // Only with 65,535 publishes outstanding could an id still be waiting: mqtt.js then decides.
         if (messageId !== null && !fastAcks.has(messageId)) {
-          return track<void>(topic, performance.now() + publishTimeoutMs, (settle) => {
-            fastAcks.set(messageId, (reasonCode) => {
-              // MQTT 5: below 0x80 is success (0x10: no matching subscribers).
-              if (reasonCode === undefined || reasonCode < 0x80) settle(undefined);
-              else
-                settle(
-                  classifyPublishError(
-                    Object.assign(new Error(`Publish error: reason code ${reasonCode}`), {
-                      code: reasonCode,
-                    }),
-                    endpoint,
-                    topic,
-                    options.quotaRetryAfterMs ?? 1000,
-                  ),
-                );
-            });
-            const packet = {
-              cmd: 'publish' as const,
-              topic,
-              payload,
-              qos: 1 as const,
-              retain: publishOptions.retain ?? false,
-              dup: false,
-              messageId,
-            };
-            write(generate(packet, generateOptions));
-          });
+          return track<void>(
+            topic,
+            performance.now() + publishTimeoutMs,
+            (settle) => {
+              fastAcks.set(messageId, (reasonCode) => {
+                // MQTT 5: below 0x80 is success (0x10: no matching subscribers).
+                if (reasonCode === undefined || reasonCode < 0x80) settle(undefined);
+                else
+                  settle(
+                    classifyPublishError(
+                      Object.assign(new Error(`Publish error: reason code ${reasonCode}`), {
+                        code: reasonCode,
+                      }),
+                      endpoint,
+                      topic,
+                      options.quotaRetryAfterMs ?? 1000,
+                    ),
+                  );
+              });
+              const packet = {
+                cmd: 'publish' as const,
+                topic,
+                payload,
+                qos: 1 as const,
+                retain: publishOptions.retain ?? false,
+                dup: false,
+                messageId,
+              };
+              write(generate(packet, generateOptions));
+            },
+            // A publish that timed out must not keep its id waiting for a PUBACK.
+            () => fastAcks.delete(messageId),
+          );
         }
       }
       return track<void>(topic, performance.now() + publishTimeoutMs, (settle) => {
