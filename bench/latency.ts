@@ -112,16 +112,28 @@ export async function runLatencyBench(ctx: BenchContext, settings: BenchSettings
         for (const metric of ['pubackP99', 'e2eP99'] as const) {
           const perRun = gw.map((g, i) => ratio(g[metric], base[i]?.[metric] ?? Number.NaN));
           const med = median(perRun);
-          // The issue's target: PUBACK p99 at 2,000 msg/s ≤ 2× the plain relay.
-          const targeted = other === 'relay' && metric === 'pubackP99' && rate === 2000;
+          // The target (issue 11, restating issue 2's): PUBACK p99 at 2,000 msg/s ≤ 1.3× the
+          // durable floor, in the same run.
+          const targeted = other === 'durable' && metric === 'pubackP99' && rate === 2000;
           ratioRows.push([
             `gateway / ${SYSTEM_LABELS[other]} (${metric === 'pubackP99' ? 'PUBACK p99' : 'end to end p99'})`,
             perRun.map(fmtRatio).join(', '),
             fmtRatio(med),
-            targeted ? '≤ 2.0×' : '–',
-            targeted ? verdict(med, (v) => v <= 2) : '–',
+            targeted ? '≤ 1.3×' : '–',
+            targeted ? verdict(med, (v) => v <= 1.3) : '–',
           ]);
         }
+      }
+      if (rate === 2000) {
+        // Issue 11: no stall of the loop at this modest load, in any run.
+        const worst = Math.max(...gw.map((g) => (Number.isFinite(g.pubackP99) ? g.pubackP99 : Infinity)));
+        ratioRows.push([
+          'gateway PUBACK p99, worst run (ms)',
+          gw.map((g) => fmt(g.pubackP99, 2)).join(', '),
+          fmt(worst, 2),
+          '≤ 10 ms',
+          verdict(worst, (v) => v <= 10),
+        ]);
       }
       const floor = runs.get('durable');
       const relay = runs.get('relay');

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runBrokerStateBench } from './broker-state.js';
 import { runLatencyBench } from './latency.js';
+import { createDeviceAuth } from './lib/credentials.js';
 import { createProcessGroup, pin, pinDescription } from './lib/process.js';
 import { readSettings } from './lib/settings.js';
 import { fmt, markdownTable } from './lib/table.js';
@@ -87,14 +88,22 @@ async function main(): Promise<number> {
   // This process runs the devices and the upstream subscriber: part of the load.
   pin(process.pid, 'load');
   const tmpRoot = await mkdtemp(join(tmpdir(), 'iot-gateway-bench-'));
-  const ctx: BenchContext = { group, tmpRoot, root };
+  const auth =
+    settings.auth && gatewayAvailable(root) ? await createDeviceAuth(gatewayCliPath(root)) : undefined;
+  const ctx: BenchContext = {
+    group,
+    tmpRoot,
+    root,
+    ...(auth ? { auth } : {}),
+    authDevices: settings.devices,
+  };
   const started = Date.now();
   const loadAtStart = loadNow();
   const sections: string[] = [
     `## Bench run ${new Date().toISOString()}`,
     '',
     `${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}, ${mosquittoVersion()}; ` +
-      `systems: ${settings.systems.join(', ')}${settings.quick ? ' (BENCH_QUICK=1)' : ''}; ${pinDescription()}`,
+      `systems: ${settings.systems.join(', ')}${settings.quick ? ' (BENCH_QUICK=1)' : ''}; ${pinDescription()}; ${auth ? 'devices log in with passwords' : 'anonymous devices'}`,
   ];
   const quiet = new Set<string>();
   const benches: [string, () => Promise<string | undefined>][] = [

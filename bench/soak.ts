@@ -59,7 +59,8 @@ async function main(): Promise<number> {
   process.on('exit', () => group.killAll());
   pin(process.pid, 'load');
   const tmpRoot = await mkdtemp(join(tmpdir(), 'iot-gateway-soak-'));
-  const ctx: BenchContext = { group, tmpRoot, root };
+  // Anonymous devices: the soak measures the queue and memory over time, not logins.
+  const ctx: BenchContext = { group, tmpRoot, root, authDevices: 0 };
   const rows: { minute: number; acked: number; lost: number; rssMb: number; drainS: number }[] = [];
   let warnings = 0;
   try {

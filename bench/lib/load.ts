@@ -1,3 +1,4 @@
+import { benchDeviceId } from './credentials.js';
 import { connectRaw, type RawClient } from './mqtt-raw.js';
 import { sleep } from './process.js';
 
@@ -153,12 +154,31 @@ export async function createCollector(upstreamPort: number, persistent: boolean)
 }
 
 /** Connects `count` raw device clients (anonymous, clean session), a few at a time. */
-export async function connectDevices(port: number, count: number, prefix: string): Promise<RawClient[]> {
+/**
+ * Connects `count` raw devices. With `password`, device i logs in as `bench-d{i}` (client id
+ * and username) with that password; without, anonymously as `{prefix}-{i}`.
+ */
+export async function connectDevices(
+  port: number,
+  count: number,
+  prefix: string,
+  password?: string,
+): Promise<RawClient[]> {
   const clients: RawClient[] = [];
   try {
     for (let i = 0; i < count; i += 50) {
       const batch = Array.from({ length: Math.min(50, count - i) }, (_, j) =>
-        connectRaw({ port, clientId: `${prefix}-${i + j}`, keepalive: 600 }),
+        connectRaw(
+          password === undefined
+            ? { port, clientId: `${prefix}-${i + j}`, keepalive: 600 }
+            : {
+                port,
+                clientId: benchDeviceId(i + j),
+                username: benchDeviceId(i + j),
+                password,
+                keepalive: 600,
+              },
+        ),
       );
       clients.push(...(await Promise.all(batch)));
     }

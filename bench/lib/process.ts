@@ -141,6 +141,14 @@ export async function readRss(pid: number): Promise<number> {
   return Number(match[1]) * 1024;
 }
 
+/** VmHWM: the peak resident set of a process since it started, bytes. */
+export async function readPeakRss(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8');
+  const match = /^VmHWM:\s+(\d+)\s+kB/m.exec(status);
+  if (!match) throw new Error(`no VmHWM for pid ${pid}`);
+  return Number(match[1]) * 1024;
+}
+
 /** Resolves once a TCP connect to the port succeeds; rejects after timeoutMs. */
 export async function waitForPort(port: number, timeoutMs: number, host = '127.0.0.1'): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -182,8 +190,36 @@ export async function waitUntil(
  */
 export type PinRole = 'system' | 'load' | 'any';
 
+/** Set by withPinning for one pass of a bench; otherwise BENCH_PIN decides. */
+let pinningOverride: boolean | undefined;
+
 export function pinningEnabled(): boolean {
+  if (pinningOverride !== undefined) return pinningOverride && cpus().length >= 2;
   return process.env.BENCH_PIN !== '0' && cpus().length >= 2;
+}
+
+/**
+ * Runs `fn` with pinning on or off (the throughput bench measures both: pinned figures repeat,
+ * unpinned ones are what a user sees). Unpinned, this process (devices and subscriber) may use
+ * every CPU too; afterwards it is put back where BENCH_PIN wants it.
+ */
+export async function withPinning<T>(enabled: boolean, fn: () => Promise<T>): Promise<T> {
+  const before = pinningOverride;
+  const wasEnabled = pinningEnabled();
+  if (wasEnabled && !enabled) pin(process.pid, 'any');
+  pinningOverride = enabled;
+  if (enabled) pin(process.pid, 'load');
+  try {
+    return await fn();
+  } finally {
+    pinningOverride = before;
+    if (pinningEnabled()) pin(process.pid, 'load');
+    else if (enabled && cpus().length >= 2) {
+      pinningOverride = true;
+      pin(process.pid, 'any');
+      pinningOverride = before;
+    }
+  }
 }
 
 export function pinDescription(): string {

@@ -7,6 +7,7 @@
  * of the event loop for all that arrived, the PUBACK after it (the durability floor: no queue
  * limits, no deletes, no redelivery). Prints "ready".
  */
+import { timingSafeEqual } from 'node:crypto';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { Aedes, type AuthorizePublishHandler } from 'aedes';
@@ -45,7 +46,11 @@ function durableHook(dir: string): AuthorizePublishHandler {
 }
 
 async function main(): Promise<void> {
-  const [mode, portArg, upstreamArg, dir] = process.argv.slice(2);
+  const argv = process.argv.slice(2);
+  // --password=P: a client that presents credentials must present this password (anonymous
+  // clients still connect), as the gateway and Mosquitto check theirs in the bench.
+  const password = argv.find((a) => a.startsWith('--password='))?.slice('--password='.length);
+  const [mode, portArg, upstreamArg, dir] = argv.filter((a) => !a.startsWith('--password='));
   const port = Number(portArg);
   if (
     (mode !== 'bare' && mode !== 'relay' && mode !== 'durable') ||
@@ -54,7 +59,18 @@ async function main(): Promise<void> {
   ) {
     throw new Error('usage: relay-child bare|relay|durable PORT [UPSTREAM_PORT] [DIR]');
   }
-  const broker = await Aedes.createBroker(mode === 'durable' ? { authorizePublish: durableHook(dir!) } : {});
+  const broker = await Aedes.createBroker({
+    ...(mode === 'durable' ? { authorizePublish: durableHook(dir!) } : {}),
+    ...(password === undefined
+      ? {}
+      : {
+          authenticate: (_client, username, given, done) => {
+            const ok =
+              username === undefined || (given !== undefined && timingSafeEqualText(given, password));
+            done(null, ok);
+          },
+        }),
+  });
   const server = createServer({ noDelay: true }, broker.handle);
   let upstream: mqtt.MqttClient | undefined;
   if (mode === 'relay' || mode === 'durable') {
@@ -87,3 +103,8 @@ main().catch((err: unknown) => {
   process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
   process.exit(1);
 });
+
+function timingSafeEqualText(given: Buffer, expected: string): boolean {
+  const want = Buffer.from(expected);
+  return given.length === want.length && timingSafeEqual(given, want);
+}

@@ -3,6 +3,10 @@ import type { SystemName } from './systems.js';
 /** Bench sizes, from the environment; BENCH_QUICK=1 shrinks everything for a smoke run. */
 export interface BenchSettings {
   quick: boolean;
+  /** Devices log in with passwords (BENCH_AUTH, default on). */
+  auth: boolean;
+  /** The throughput bench runs pinned, unpinned, or both (BENCH_THROUGHPUT_PIN). */
+  throughputPin: ('pinned' | 'unpinned')[];
   runs: number;
   systems: SystemName[];
   only: Set<string>;
@@ -31,12 +35,17 @@ function num(env: NodeJS.ProcessEnv, key: string, fallback: number): number {
 
 export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSettings {
   const quick = env.BENCH_QUICK === '1';
-  const systems = (env.BENCH_SYSTEMS ?? 'gateway,relay,bridge')
+  const systems = (env.BENCH_SYSTEMS ?? 'gateway,relay,bridge,lossfree')
     .split(',')
     .map((s) => s.trim())
-    .filter((s): s is SystemName => ['gateway', 'relay', 'bridge', 'durable'].includes(s));
+    .filter((s): s is SystemName => ['gateway', 'relay', 'bridge', 'lossfree', 'durable'].includes(s));
   return {
     quick,
+    auth: env.BENCH_AUTH !== '0',
+    throughputPin: (env.BENCH_THROUGHPUT_PIN ?? 'pinned,unpinned')
+      .split(',')
+      .map((s) => s.trim())
+      .filter((s): s is 'pinned' | 'unpinned' => s === 'pinned' || s === 'unpinned'),
     runs: num(env, 'BENCH_RUNS', quick ? 1 : 3),
     systems,
     only: new Set(

@@ -51,7 +51,12 @@ export async function withSetup<T>(
     stops.push(() => collector.close());
     const system = await startSystem(ctx, name, upstreamPort);
     stops.push(() => system.stop());
-    const devices = await connectDevices(system.port, opts.devices ?? settings.devices, `bench-${name}`);
+    const devices = await connectDevices(
+      system.port,
+      opts.devices ?? settings.devices,
+      `bench-${name}`,
+      ctx.auth?.password,
+    );
     stops.push(async () => {
       await Promise.all(devices.map((d) => d.end()));
     });

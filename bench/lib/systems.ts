@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
 import { freePort } from './ports.js';
 import { startMosquitto, writeMosquittoConf, type MosquittoInstance } from './mosquitto.js';
+import { benchDeviceId, writeMosquittoPasswords, type DeviceAuth } from './credentials.js';
 import { pin, waitForPort, type Child, type ProcessGroup } from './process.js';
 
 /**
@@ -13,12 +14,13 @@ import { pin, waitForPort, type Child, type ProcessGroup } from './process.js';
  * aedes (RSS reference); durable: the relay with one SQLite commit (synchronous=FULL) per turn
  * of the loop before each PUBACK, the latency floor of durable-before-PUBACK on this disk.
  */
-export type SystemName = 'gateway' | 'relay' | 'bridge' | 'aedes' | 'durable';
+export type SystemName = 'gateway' | 'relay' | 'bridge' | 'lossfree' | 'aedes' | 'durable';
 
 export const SYSTEM_LABELS: Record<SystemName, string> = {
   gateway: 'gateway (g)',
   relay: 'aedes relay (a)',
   bridge: 'mosquitto bridge (b)',
+  lossfree: 'mosquitto bridge, no drop (b0)',
   aedes: 'bare aedes',
   durable: 'durable relay (floor)',
 };
@@ -38,6 +40,10 @@ export interface BenchContext {
   readonly tmpRoot: string;
   /** Repository root (where dist/cli.js lives). */
   readonly root: string;
+  /** Password logins for the devices; undefined: anonymous devices (BENCH_AUTH=0). */
+  readonly auth?: DeviceAuth;
+  /** How many bench devices the systems must know (password file, gateway device list). */
+  readonly authDevices: number;
 }
 
 /** dist-bench/bench/lib/systems.js → repository root. */
@@ -80,14 +86,21 @@ export async function startSystem(
           : name === 'relay'
             ? ['relay', String(port), String(upstreamPort)]
             : ['durable', String(port), String(upstreamPort), dir];
+      if (ctx.auth && name !== 'aedes') args.push(`--password=${ctx.auth.password}`);
       const child = ctx.group.spawn(name, process.execPath, [script, ...args]);
       pin(child.pid, 'system');
       await readyOrStop(child, /^ready$/);
       return { name, port, pid: child.pid, child, stop: () => child.stop() };
     }
-    case 'bridge': {
+    case 'bridge':
+    case 'lossfree': {
       // Mosquitto's bridge with its defaults: only the connection and the topic are configured.
+      // `lossfree` raises the queue so that nothing is dropped: what a user who cares about
+      // loss would run (issue 11); every other setting stays at its default.
+      const passwords = ctx.auth ? await writeMosquittoPasswords(dir, ctx.authDevices) : undefined;
       const conf = await writeMosquittoConf(dir, 'bridge', port, [
+        ...(passwords ? [`password_file ${passwords}`] : []),
+        ...(name === 'lossfree' ? ['max_queued_messages 1000000'] : []),
         'connection bench-bridge',
         `address 127.0.0.1:${upstreamPort}`,
         'topic devices/# out 1',
@@ -113,6 +126,15 @@ export async function startSystem(
           // Every bench device connects from 127.0.0.1 at once, without retrying; the baselines
           // have no connect-rate limit either.
           connectRate: { perIp: 0, total: 0 },
+          ...(ctx.auth
+            ? {
+                devices: Array.from({ length: ctx.authDevices }, (_, i) => ({
+                  id: benchDeviceId(i),
+                  passwordHash: ctx.auth!.gatewayHash,
+                  acl: { publish: ['devices/#'], subscribe: [] },
+                })),
+              }
+            : {}),
           ...overrides.broker,
         },
         http: { host: '127.0.0.1', port: httpPort },
@@ -137,6 +159,8 @@ export async function startSystem(
         [
           // BENCH_PROFILE=DIR writes a V8 CPU profile of the gateway there (open it in Chrome DevTools).
           ...(process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] : []),
+          // BENCH_GATEWAY_NODE_ARGS: extra node options for the gateway only (e.g. --heapsnapshot-signal=SIGUSR2).
+          ...(process.env.BENCH_GATEWAY_NODE_ARGS?.split(' ').filter((a) => a !== '') ?? []),
           gatewayCliPath(ctx.root),
           'run',
           '-c',

@@ -140,8 +140,9 @@ export function createOutbox(options: OutboxOptions): Outbox {
   const deleteOne = db.prepare(
     'DELETE FROM queue_messages WHERE id = ? AND integration_id = ? RETURNING length(payload) AS size',
   );
-  const deleteSpan = db.prepare(
-    'DELETE FROM queue_messages WHERE integration_id = ? AND id BETWEEN ? AND ? RETURNING length(payload) AS size',
+  const deleteSpan = db.prepare('DELETE FROM queue_messages WHERE integration_id = ? AND id BETWEEN ? AND ?');
+  const countQueue = db.prepare(
+    'SELECT count(*) AS n, coalesce(sum(length(payload)), 0) AS b FROM queue_messages WHERE integration_id = ?',
   );
   const deleteMany = db.prepare(
     `DELETE FROM queue_messages WHERE id IN (SELECT value FROM json_each(?)) AND integration_id = ?
@@ -615,20 +616,34 @@ export function createOutbox(options: OutboxOptions): Outbox {
       // cheaper to delete than the same rows one by one (measured).
       const span = recent.span(integrationId, ids);
       synchronousNormal.run();
-      let deleted: { size: number }[];
+      let deleted: { size: number }[] | undefined;
+      let spanDeleted = 0;
       try {
-        deleted = (
-          span === undefined
-            ? deleteMany.all(JSON.stringify(ids), integrationId)
-            : deleteSpan.all(integrationId, span.lo, span.hi)
-        ) as { size: number }[];
+        // A span's rows and bytes are known from the cache: no RETURNING row per deleted message.
+        if (span === undefined)
+          deleted = deleteMany.all(JSON.stringify(ids), integrationId) as { size: number }[];
+        else spanDeleted = deleteSpan.run(integrationId, span.lo, span.hi).changes;
       } finally {
         synchronousFull.run();
       }
       recent.remove(integrationId, ids);
       const c = countersOf(integrationId);
-      c.depth -= deleted.length;
-      for (const row of deleted) c.bytes -= row.size;
+      if (deleted !== undefined) {
+        c.depth -= deleted.length;
+        for (const row of deleted) c.bytes -= row.size;
+      } else if (spanDeleted === span!.rows) {
+        c.depth -= span!.rows;
+        c.bytes -= span!.bytes;
+      } else {
+        // The cache promised exactly these rows; never let the counters drift if it was wrong.
+        const actual = countQueue.get(integrationId) as { n: number; b: number };
+        logger.error(
+          { integrationId, expected: span!.rows, deleted: spanDeleted, depth: actual.n },
+          'queue_counter_drift',
+        );
+        c.depth = actual.n;
+        c.bytes = actual.b;
+      }
     },
 
     markAttempt(integrationId, ids) {

@@ -96,6 +96,32 @@ describe('mqtt link', () => {
     expect(got).toEqual([`${topic}=hello`]);
   });
 
+  it('keeps 2,000 publishes in flight beside subscribes: each resolves once, intact, in order per QoS', async () => {
+    const prefix = `gwtest/link-${randomUUID().slice(0, 8)}`;
+    const qosOf = (i: number): 0 | 1 | 2 => (i % 250 === 0 ? 2 : i % 3 === 0 ? 0 : 1);
+    for (const protocolVersion of [4, 5] as const) {
+      const link = await open({ url: MOSQUITTO, protocolVersion });
+      const got: number[] = [];
+      link.onMessage((_t, payload) => got.push(Number(payload.toString())));
+      await link.subscribe({ [`${prefix}/v${protocolVersion}/#`]: { qos: 1 } });
+      const publishes: Promise<void>[] = [];
+      for (let i = 0; i < 2000; i++) {
+        // Packet ids of QoS 1 and of mqtt.js's own packets (QoS 2, subscribes) share one space.
+        const topic = `${prefix}/v${protocolVersion}/${i % 7}`;
+        publishes.push(link.publish(topic, Buffer.from(String(i)), { qos: qosOf(i), retain: false }));
+        if (i % 400 === 0) await link.subscribe({ [`${prefix}/other/${i}`]: { qos: 1 } });
+      }
+      await Promise.all(publishes);
+      await waitUntil(() => got.length >= 2000, 20_000);
+      // The broker orders each QoS on its own (it may pass QoS 0 ahead of queued QoS 1).
+      for (const qos of [0, 1, 2]) {
+        const sent = Array.from({ length: 2000 }, (_, i) => i).filter((i) => qosOf(i) === qos);
+        expect(got.filter((i) => qosOf(i) === qos)).toEqual(sent);
+      }
+      expect(got).toHaveLength(2000);
+    }
+  });
+
   it('maps PUBACK reason codes: 0x97 throttled, 0x87/0x90/0x99 final, others retryable', async () => {
     const codes: Record<string, number> = {
       quota: 0x97,

@@ -61,9 +61,10 @@ describe('recent rows', () => {
 
   it('names the range of a run of consecutive acked rows, and nothing else', () => {
     const cache = createRecentRows({ floor: 10, maxRows: 1000, maxBytes: 1e12 });
-    for (const id of [11, 12, 13, 15, 16, 20]) cache.add(Q, row(id));
-    expect(cache.span(Q, [13, 11, 12, 12])).toEqual({ lo: 11, hi: 13 });
-    expect(cache.span(Q, [13, 15, 16])).toEqual({ lo: 13, hi: 16 }); // 14 is no row of this queue
+    for (const id of [11, 12, 13, 15, 16, 20]) cache.add(Q, row(id, id));
+    // rows and bytes: what the range holds, each repeated id once (payloads of `id` bytes here).
+    expect(cache.span(Q, [13, 11, 12, 12])).toEqual({ lo: 11, hi: 13, rows: 3, bytes: 36 });
+    expect(cache.span(Q, [13, 15, 16])).toEqual({ lo: 13, hi: 16, rows: 3, bytes: 44 }); // 14 is no row of this queue
     expect(cache.span(Q, [11, 13])).toBeUndefined(); // 12 is not acked
     expect(cache.span(Q, [16, 21])).toBeUndefined(); // 21 is unknown
     expect(cache.span(Q, [10, 11])).toBeUndefined(); // at the floor: SQLite may hold rows the cache does not
