@@ -1,4 +1,5 @@
 import type { z } from 'zod';
+import { awsIotSettingsSchema } from './aws-iot/settings.js';
 import { mqttSettingsSchema } from './mqtt/settings.js';
 
 /** Every provider type the config names (SPEC §3). */
@@ -11,6 +12,7 @@ export type ProviderType = (typeof PROVIDER_TYPES)[number];
  */
 const availableSettingsSchemas = {
   mqtt: mqttSettingsSchema,
+  'aws-iot': awsIotSettingsSchema,
 } satisfies Partial<Record<ProviderType, z.ZodTypeAny>>;
 
 /** The types that have a settings schema; the provider registry must have a factory for each. */
