@@ -1,4 +1,4 @@
-import { createRateLimiter } from '../../gateway/rate-limiter.js';
+import { createRateLimiter } from '../../common/rate-limiter.js';
 
 /** Hands out send slots at a fixed rate, first come first served, so pacing never reorders. */
 export interface Pacer {
