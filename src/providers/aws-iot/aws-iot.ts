@@ -92,6 +92,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
   const name = context.integration.name;
   const clientId = settings.clientId ?? context.gatewayId;
   const endpoint = `${settings.endpoint}:${settings.port}`;
+  const alpn = settings.alpn ?? settings.port === 443;
   const things = createThingNames(settings.thingName, context.gatewayId);
   const commands = settings.commands.map((rule) => createCommandRoute(rule, context.gatewayId));
   const filters = [...new Set([...shadowFilters(settings.shadowName), ...commands.map((c) => c.filter)])];
@@ -104,6 +105,8 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
   let disconnectHandler: ((error: Error) => void) | undefined;
   let stream: Session | undefined;
   let closed = false;
+  /** When each client id last sent CONNECT (performance.now()). */
+  const lastConnect = new Map<string, number>();
 
   const report = (event: ProviderEvent) => {
     try {
@@ -267,6 +270,11 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
   async function openSession(id: string, purpose: Purpose, signal: AbortSignal): Promise<Session> {
     if (signal.aborted) throw aborted();
     const { cert, key, ca } = credentials();
+    // AWS refuses a second CONNECT of one client id within a second (§1.2): the sync and test
+    // connections, which the supervisor does not pace, wait here.
+    const since = performance.now() - (lastConnect.get(id) ?? -Infinity);
+    if (since < AWS_CONNECT_INTERVAL_MS) await delay(AWS_CONNECT_INTERVAL_MS - since, signal);
+    lastConnect.set(id, performance.now());
     const log = logger.child({ clientId: id, purpose });
     const options: IClientOptions = {
       protocol: 'mqtts',
@@ -274,7 +282,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
       port: settings.port,
       // SNI is required (§1.1), and the certificate must name the endpoint even via `address`.
       servername: settings.endpoint,
-      ...(settings.port === 443 ? { ALPNProtocols: [ALPN_MQTT] } : {}),
+      ...(alpn ? { ALPNProtocols: [ALPN_MQTT] } : {}),
       cert,
       key,
       ...(ca === undefined ? {} : { ca }),
@@ -837,7 +845,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
       const details: Record<string, unknown> = {
         endpoint: settings.endpoint,
         port: settings.port,
-        alpn: settings.port === 443 ? ALPN_MQTT : undefined,
+        alpn: alpn ? ALPN_MQTT : undefined,
         clientId: `${clientId}-test`,
         protocolVersion: settings.protocolVersion,
       };
@@ -899,6 +907,20 @@ function asGatewayError(err: unknown): GatewayError {
   return err instanceof GatewayError
     ? err
     : new GatewayError(ErrorCodes.PROVIDER_CONNECT, errorMessage(err), { retryable: true, cause: err });
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(aborted());
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
 }
 
 function aborted(): GatewayError {

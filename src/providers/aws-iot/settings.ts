@@ -52,7 +52,10 @@ export const awsIotSettingsSchema = z
         HOST_NAME,
         'must be the bare host name of the iot:Data-ATS endpoint (e.g. abc123-ats.iot.eu-west-1.amazonaws.com), without scheme, port or path',
       ),
-    port: z.union([z.literal(8883), z.literal(443)]).default(8883),
+    /** 8883 (MQTT over mutual TLS) or 443 (the same with ALPN x-amzn-mqtt-ca). */
+    port: z.number().int().min(1).max(65535).default(8883),
+    /** Offer ALPN `x-amzn-mqtt-ca`; default on for port 443, where AWS needs it to tell MQTT from HTTPS (§1.1). */
+    alpn: z.boolean().optional(),
     /** Open the TCP connection here instead (a proxy, a test); SNI and the certificate check still use `endpoint`. */
     address: z.string().min(1).optional(),
     /** The gateway's thing name; default the gateway id. */
