@@ -843,6 +843,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     /** Endpoint, TLS, CONNACK, then a shadow round trip (a get of the gateway's own thing). */
     async testConnection(signal): Promise<ConnectionTestResult> {
       const details: Record<string, unknown> = {
+        url: `mqtts://${settings.endpoint}:${settings.port}`,
         endpoint: settings.endpoint,
         port: settings.port,
         alpn: alpn ? ALPN_MQTT : undefined,
