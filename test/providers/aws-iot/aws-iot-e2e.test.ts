@@ -246,6 +246,31 @@ describe('aws-iot end to end', () => {
     }
   });
 
+  it('on MQTT 3.1.1 a denied publish drops the link (no PUBACK); only that row is dead-lettered', async () => {
+    const site = await startSite({ settings: { protocolVersion: 4 }, queue: { maxAttempts: 2 } });
+    site.sim.deny('dt/site-gw/secret/#');
+    const secret = await site.device('secret');
+    const pump = await site.device('pump-1');
+    await pump.publishAsync('devices/pump-1/telemetry', 'p0', { qos: 1 });
+    await secret.publishAsync('devices/secret/telemetry', 's0', { qos: 1 });
+    for (let i = 1; i < 5; i++) await pump.publishAsync('devices/pump-1/telemetry', `p${i}`, { qos: 1 });
+    await site.sim.waitFor(() => site.queued() === 0, 60_000, 'the queue to drain');
+    expect([...new Set(payloads(site.sim, 'dt/site-gw/pump-1/telemetry'))]).toEqual([
+      'p0',
+      'p1',
+      'p2',
+      'p3',
+      'p4',
+    ]);
+    expect(site.deadLetters()).toEqual([
+      expect.objectContaining({ device_id: 'secret', topic: 'devices/secret/telemetry' }),
+    ]);
+    expect(
+      site.sim.events.filter((e) => e.type === 'closed' && e.detail?.reason === 'policy denies publish')
+        .length,
+    ).toBeGreaterThanOrEqual(2);
+  }, 90_000);
+
   it('a burst above 100/s is paced: nothing throttled, dropped or dead-lettered', async () => {
     const site = await startSite();
     const pumps = [await site.device('pump-1'), await site.device('pump-2')];
