@@ -37,7 +37,9 @@ export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSetting
     quick,
     runs: num(env, 'BENCH_RUNS', quick ? 1 : 3),
     systems,
-    only: new Set((env.BENCH_ONLY ?? 'throughput,latency,rss,outage').split(',').map((s) => s.trim())),
+    only: new Set(
+      (env.BENCH_ONLY ?? 'throughput,latency,rss,outage,aws-iot').split(',').map((s) => s.trim()),
+    ),
     payloadSize: num(env, 'BENCH_PAYLOAD', 64),
     devices: num(env, 'BENCH_DEVICES', 10),
     messagesPerDevice: num(env, 'BENCH_MESSAGES', quick ? 1_000 : 10_000),

@@ -7,27 +7,35 @@ export interface Pacer {
 }
 
 /**
- * A token bucket with a small burst. The endpoint counts a second's worth (AWS: 100/s per
- * connection); sending a full second's burst at once leaves no room for the network to bunch
- * packets together, so a link that never exceeds the rate could still look like it does. With
- * `burst` well below the rate the far side keeps `rate - burst` of slack.
+ * Two rules together. No window of one second ever holds more than `perSecond` sends (a log of
+ * the last `perSecond` send times), whichever way the far side counts: a sliding window, fixed
+ * windows or a bucket of a second's worth. And a token bucket with a small burst spreads them
+ * out: a full second's worth sent at once leaves no room for the network to bunch packets
+ * together, so a link that never exceeds the rate could still look as if it did.
  */
 export function createPacer(perSecond: number, burst = Math.max(1, Math.floor(perSecond / 10))): Pacer {
   const queue: { resolve(): void; reject(err: Error): void }[] = [];
   let tokens = burst;
   let last = performance.now();
   let timer: NodeJS.Timeout | undefined;
+  /** Ring of the last `perSecond` send times. */
+  const sent = new Array<number>(perSecond).fill(-Infinity);
+  let oldest = 0;
 
-  /** Spends a token and returns 0, or returns the ms until one is due. */
+  /** Takes a slot and returns 0, or returns the ms until one is due. */
   const take = (): number => {
     const now = performance.now();
     tokens = Math.min(burst, tokens + ((now - last) * perSecond) / 1000);
     last = now;
-    if (tokens >= 1) {
+    const windowWait = sent[oldest]! + 1000 - now;
+    if (tokens >= 1 && windowWait <= 0) {
       tokens -= 1;
+      sent[oldest] = now;
+      oldest = (oldest + 1) % perSecond;
       return 0;
     }
-    return Math.max(1, Math.ceil(((1 - tokens) * 1000) / perSecond));
+    const bucketWait = tokens >= 1 ? 0 : ((1 - tokens) * 1000) / perSecond;
+    return Math.max(1, Math.ceil(Math.max(bucketWait, windowWait)));
   };
 
   const pump = () => {

@@ -46,6 +46,8 @@ export interface SimPublish {
   payload: Buffer;
   qos: number;
   retain: boolean;
+  /** performance.now() when the broker took it. */
+  at: number;
 }
 
 export type SimEventType =
@@ -431,6 +433,7 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
       payload,
       qos: packet.qos,
       retain: packet.retain,
+      at: performance.now(),
     };
     puback(0);
     if (shadows.isRequest(packet.topic)) {
@@ -599,7 +602,14 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
     publish(topic, payload, opts = {}) {
       const body = typeof payload === 'string' ? Buffer.from(payload) : payload;
       if (opts.retain)
-        retained.set(topic, { clientId: '', topic, payload: body, qos: opts.qos ?? 0, retain: true });
+        retained.set(topic, {
+          clientId: '',
+          topic,
+          payload: body,
+          qos: opts.qos ?? 0,
+          retain: true,
+          at: performance.now(),
+        });
       deliver(topic, body, opts.qos ?? 1);
     },
     updateShadow(thing, request, shadowName) {
