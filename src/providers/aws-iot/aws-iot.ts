@@ -1,6 +1,5 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { connect, type IClientOptions, type IConnackPacket, type MqttClient } from 'mqtt';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import type {
@@ -13,7 +12,7 @@ import type {
   ProviderLimits,
   SyncResult,
 } from '../provider.js';
-import { throttled } from '../provider.js';
+import { openMqttLink, type MqttLink } from '../mqtt-link.js';
 import { createPacer, type Pacer } from './pacer.js';
 import { awsIotSettingsSchema, type AwsIotSettings } from './settings.js';
 import { createShadowClient, type JsonObject, type ShadowClient } from './shadow.js';
@@ -39,33 +38,18 @@ const AWS_CONNECT_INTERVAL_MS = 1000;
 /** Unacknowledged QoS 1 publishes per client (§1.2), when CONNACK names no Receive Maximum. */
 const AWS_MAX_INFLIGHT = 100;
 const ALPN_MQTT = 'x-amzn-mqtt-ca';
-const TIMEOUT_SWEEP_MS = 250;
-const CLOSE_TIMEOUT_MS = 2000;
-const noTrace = (): void => {};
 
 /** Why a session exists: the stream link, a connection test, or a sync while the stream is down. */
 type Purpose = 'stream' | 'test' | 'sync';
 
-interface PendingPublish {
-  deadline: number;
-  topic: string;
-  fail(err: GatewayError): void;
-}
-
 /** One MQTT connection to the data endpoint and what hangs on it. */
 interface Session {
-  client: MqttClient;
+  link: MqttLink;
   clientId: string;
   purpose: Purpose;
-  connack: IConnackPacket;
-  latencyMs: number;
   shadow: ShadowClient;
   pacer: Pacer;
-  pending: Set<PendingPublish>;
-  sweep: NodeJS.Timeout;
-  lost: boolean;
   established: boolean;
-  lastError: Error | undefined;
   /** Filters the broker refused at SUBACK. */
   refused: string[];
 }
@@ -225,45 +209,24 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     logger.debug({ topic }, 'inbound_unmapped');
   }
 
-  /** One PUBLISH on a session: paced to the quota, rejected on timeout, loss or a refusing PUBACK. */
+  /** One PUBLISH on a session, paced to the quota; AWS's refusals explained. */
   async function send(session: Session, topic: string, payload: Buffer, qos: 0 | 1): Promise<void> {
     await session.pacer.slot();
-    if (session.lost || !session.client.connected) throw notConnected(`not connected to ${endpoint}`);
-    return new Promise<void>((resolve, reject) => {
-      let done = false;
-      const pending: PendingPublish = {
-        deadline: performance.now() + settings.publishTimeout,
-        topic,
-        fail: (err) => settle(err),
-      };
-      function settle(err: GatewayError | undefined) {
-        if (done) return;
-        done = true;
-        session.pending.delete(pending);
-        if (err) reject(err);
-        else resolve();
+    if (!session.link.connected) throw notConnected(`not connected to ${endpoint}`);
+    try {
+      await session.link.publish(topic, payload, { qos });
+    } catch (err) {
+      const e = asGatewayError(err);
+      // The link says "rejected, 0x87"; for AWS that is the policy, which the operator can fix.
+      if (e.details?.reasonCode === 0x87) {
+        throw new GatewayError(
+          ErrorCodes.PROVIDER_AUTH,
+          `the AWS IoT policy of ${session.clientId} does not allow publishing to ${topic} (PUBACK 0x87); allow iot:Publish on it or change the topic template`,
+          { retryable: false, cause: e, details: { reasonCode: 0x87, topic } },
+        );
       }
-      session.pending.add(pending);
-      session.client.publish(topic, payload, { qos, retain: false }, (err) => {
-        settle(err ? classifyPublishError(err, topic) : undefined);
-      });
-    });
-  }
-
-  function classifyPublishError(err: Error, topic: string): GatewayError {
-    const code = (err as { code?: unknown }).code;
-    if (typeof code === 'number' && code >= 0x80) {
-      if (code === 0x97) return throttled(`AWS IoT throttled a publish on ${topic} (PUBACK 0x97)`, 1000);
-      const retryable = code === 0x80 || code === 0x91;
-      return new GatewayError(
-        code === 0x87 ? ErrorCodes.PROVIDER_AUTH : ErrorCodes.PROVIDER_REJECTED,
-        code === 0x87
-          ? `the AWS IoT policy of ${clientId} does not allow publishing to ${topic} (PUBACK 0x87); allow iot:Publish on it or change the topic template`
-          : `AWS IoT refused the publish on ${topic} (PUBACK 0x${code.toString(16)})`,
-        { retryable, cause: err, details: { reasonCode: code, topic } },
-      );
+      throw e;
     }
-    return notConnected(`publish to ${endpoint} failed: ${err.message}`);
   }
 
   /** Opens one connection, resolves once CONNACK came and the response topics are subscribed. */
@@ -275,102 +238,42 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     const since = performance.now() - (lastConnect.get(id) ?? -Infinity);
     if (since < AWS_CONNECT_INTERVAL_MS) await delay(AWS_CONNECT_INTERVAL_MS - since, signal);
     lastConnect.set(id, performance.now());
-    const log = logger.child({ clientId: id, purpose });
-    const options: IClientOptions = {
-      protocol: 'mqtts',
-      host: settings.address ?? settings.endpoint,
-      port: settings.port,
-      // SNI is required (§1.1), and the certificate must name the endpoint even via `address`.
-      servername: settings.endpoint,
-      ...(alpn ? { ALPNProtocols: [ALPN_MQTT] } : {}),
-      cert,
-      key,
-      ...(ca === undefined ? {} : { ca }),
-      rejectUnauthorized: true,
-      protocolVersion: settings.protocolVersion,
-      clientId: id,
-      clean: true,
-      keepalive: Math.round(settings.keepalive / 1000),
-      connectTimeout: settings.connectTimeout,
-      reconnectPeriod: 0,
-      queueQoSZero: false,
-      resubscribe: false,
-      ...(process.env.DEBUG ? {} : { log: noTrace }),
-    };
-    log.info({ endpoint, protocolVersion: settings.protocolVersion }, 'connect_started');
-    const started = performance.now();
-    const { client, connack, lastError } = await new Promise<{
-      client: MqttClient;
-      connack: IConnackPacket;
-      lastError: () => Error | undefined;
-    }>((resolve, reject) => {
-      let settled = false;
-      let last: Error | undefined;
-      const client = connect(options);
-      client.on('error', (err) => {
-        last = err;
-      });
-      client.on('disconnect', (packet) => {
-        last = new Error(`AWS IoT sent DISCONNECT (reason code 0x${(packet.reasonCode ?? 0).toString(16)})`);
-        (last as Error & { reasonCode?: number }).reasonCode = packet.reasonCode;
-      });
-      const safety = setTimeout(
-        () =>
-          fail(
-            new GatewayError(
-              ErrorCodes.PROVIDER_TIMEOUT,
-              `no CONNACK from ${endpoint} within ${settings.connectTimeout} ms`,
-              {
-                retryable: true,
-              },
-            ),
-          ),
-        settings.connectTimeout + 1000,
+    let link: MqttLink;
+    try {
+      link = await openMqttLink(
+        {
+          url: `mqtts://${settings.address ?? settings.endpoint}:${settings.port}`,
+          clientId: id,
+          protocolVersion: settings.protocolVersion,
+          logger,
+          // SNI is required (§1.1), and the certificate must name the endpoint even via `address`.
+          tls: {
+            cert,
+            key,
+            ...(ca === undefined ? {} : { ca }),
+            servername: settings.endpoint,
+            ...(alpn ? { alpnProtocols: [ALPN_MQTT] } : {}),
+            rejectUnauthorized: true,
+          },
+          keepaliveMs: settings.keepalive,
+          connectTimeoutMs: settings.connectTimeout,
+          publishTimeoutMs: settings.publishTimeout,
+          quotaRetryAfterMs: 1000,
+          cleanSession: true,
+          owner: `integration ${name}`,
+          purpose,
+        },
+        signal,
       );
-      const onAbort = () => fail(aborted());
-      signal.addEventListener('abort', onAbort, { once: true });
-      const finish = () => {
-        settled = true;
-        clearTimeout(safety);
-        signal.removeEventListener('abort', onAbort);
-        client.removeListener('close', onClose);
-      };
-      function fail(err: GatewayError) {
-        if (settled) return;
-        finish();
-        client.end(true);
-        log.warn(
-          { code: err.code, err: err.message, latencyMs: Math.round(performance.now() - started) },
-          'connect_failed',
-        );
-        reject(err);
-      }
-      function onClose() {
-        fail(classifyConnectError(last, id));
-      }
-      client.on('close', onClose);
-      client.once('connect', (packet) => {
-        if (settled) return;
-        finish();
-        resolve({ client, connack: packet, lastError: () => last });
-      });
-    });
-    const latencyMs = Math.round(performance.now() - started);
-    log.info({ latencyMs, receiveMaximum: connack.properties?.receiveMaximum }, 'connect_completed');
-
-    const pacer = createPacer(AWS_PUBLISHES_PER_SECOND);
+    } catch (err) {
+      throw explainConnectError(asGatewayError(err), id);
+    }
     const session: Session = {
-      client,
+      link,
       clientId: id,
       purpose,
-      connack,
-      latencyMs,
-      pacer,
-      pending: new Set(),
-      sweep: setInterval(() => sweepTimeouts(session), Math.min(TIMEOUT_SWEEP_MS, settings.publishTimeout)),
-      lost: false,
+      pacer: createPacer(AWS_PUBLISHES_PER_SECOND),
       established: false,
-      lastError: undefined,
       refused: [],
       shadow: createShadowClient({
         shadowName: settings.shadowName,
@@ -379,7 +282,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
         timeoutMs: settings.shadowTimeout,
         maxConflictRetries: settings.maxConflictRetries,
         onConflict: ({ thingName, clientToken, outcome }) => {
-          log.info({ thingName, clientToken, outcome }, 'shadow_conflict');
+          logger.info({ thingName, clientToken, outcome, clientId: id }, 'shadow_conflict');
           report({
             activityType: 'shadow_conflict',
             direction: 'outgoing',
@@ -389,210 +292,151 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
         },
       }),
     };
-    session.sweep.unref();
-    client.on('message', (topic, payload) => onInbound(session, topic, payload));
-    client.on('close', () => {
-      if (session.lost) return;
-      session.lost = true;
-      session.lastError = lastError();
-      dropSession(
-        session,
-        notConnected(`the connection to ${endpoint} was lost: ${session.lastError?.message ?? 'closed'}`),
-      );
-      onSessionLost(session);
+    link.onMessage((topic, payload) => onInbound(session, topic, payload));
+    link.onLoss((err) => {
+      dropSession(session, notConnected(err.message));
+      onSessionLost(session, err);
     });
     try {
-      await subscribe(session, log);
+      await subscribe(session);
     } catch (err) {
-      session.lost = true;
-      dropSession(session, notConnected('the connection closed while subscribing'));
-      client.end(true);
+      await endSession(session);
       throw err;
     }
     if (signal.aborted) {
-      session.lost = true;
-      dropSession(session, aborted());
-      client.end(true);
+      await endSession(session);
       throw aborted();
     }
     return session;
   }
 
   /** The response and command topics, at most 8 filters per SUBSCRIBE (§1.2). */
-  async function subscribe(session: Session, log: Logger): Promise<void> {
+  async function subscribe(session: Session): Promise<void> {
     for (let i = 0; i < filters.length; i += AWS_FILTERS_PER_SUBSCRIBE) {
       const chunk = filters.slice(i, i + AWS_FILTERS_PER_SUBSCRIBE);
-      const granted = await new Promise<{ topic: string; qos: number }[]>((resolve, reject) => {
-        if (session.lost) {
-          reject(notConnected(`the connection to ${endpoint} closed right after CONNACK`));
-          return;
-        }
-        const onClose = () => reject(notConnected(`the connection to ${endpoint} closed while subscribing`));
-        session.client.once('close', onClose);
-        session.client.subscribe(
-          Object.fromEntries(chunk.map((f) => [f, { qos: 1 as const }])),
-          (err, result) => {
-            session.client.removeListener('close', onClose);
-            if (err && !(result && result.length > 0))
-              reject(notConnected(`subscribing at ${endpoint} failed: ${err.message}`));
-            else resolve(result ?? []);
-          },
-        );
-      });
-      const refused = granted.filter((g) => (g.qos & 0x80) !== 0).map((g) => g.topic);
-      if (refused.length > 0) {
-        session.refused.push(...refused);
-        // The link still carries telemetry without these; the operator fixes the policy.
-        log.warn({ refused }, 'subscribe_refused');
-        report({
-          activityType: 'subscribe',
-          direction: 'incoming',
-          status: 'failed',
-          errorCode: ErrorCodes.PROVIDER_REJECTED,
-          errorMessage: `AWS IoT refused the subscriptions ${refused.join(', ')}; allow iot:Subscribe and iot:Receive on them in the policy of ${session.clientId}`,
-          metadata: { refused, clientId: session.clientId },
-        });
-      }
-    }
-  }
-
-  function sweepTimeouts(session: Session): void {
-    const t = performance.now();
-    for (const p of session.pending) {
-      if (p.deadline > t) continue;
-      p.fail(
-        new GatewayError(
-          ErrorCodes.PROVIDER_TIMEOUT,
-          `no PUBACK from ${endpoint} within ${settings.publishTimeout} ms`,
-          {
-            retryable: true,
-            details: { topic: p.topic },
-          },
-        ),
+      const { refused } = await session.link.subscribe(
+        Object.fromEntries(chunk.map((f) => [f, { qos: 1 as const }])),
       );
+      if (refused.length === 0) continue;
+      session.refused.push(...refused);
+      // The link still carries telemetry without these; the operator fixes the policy.
+      logger.warn({ refused, clientId: session.clientId }, 'subscribe_refused');
+      report({
+        activityType: 'subscribe',
+        direction: 'incoming',
+        status: 'failed',
+        errorCode: ErrorCodes.PROVIDER_REJECTED,
+        errorMessage: `AWS IoT refused the subscriptions ${refused.join(', ')}; allow iot:Subscribe and iot:Receive on them in the policy of ${session.clientId}`,
+        metadata: { refused, clientId: session.clientId },
+      });
     }
   }
 
   function dropSession(session: Session, err: GatewayError): void {
-    clearInterval(session.sweep);
     session.pacer.cancel(err);
     session.shadow.failAll(err);
-    for (const p of [...session.pending]) p.fail(err);
-    session.pending.clear();
   }
 
-  function onSessionLost(session: Session): void {
+  function onSessionLost(session: Session, err: GatewayError): void {
     if (session.purpose !== 'stream') return;
     if (stream === session) stream = undefined;
     if (!session.established || closed) return;
-    const reason = session.lastError ?? new Error('the connection closed');
-    const takenOver = (reason as Error & { reasonCode?: number }).reasonCode === 0x8e;
-    logger.warn({ err: reason.message, takenOver }, 'connection_lost');
+    const takenOver = (err.cause as { reasonCode?: unknown } | undefined)?.reasonCode === 0x8e;
     try {
       disconnectHandler?.(
-        new GatewayError(
-          ErrorCodes.PROVIDER_CONNECT,
-          takenOver
-            ? `AWS IoT closed the connection because another client connected with the client id ${session.clientId}; give each gateway its own clientId`
-            : `the connection to ${endpoint} was lost: ${reason.message}`,
-          { retryable: true, cause: reason, details: takenOver ? { takenOver: true } : undefined },
-        ),
+        takenOver
+          ? new GatewayError(
+              ErrorCodes.PROVIDER_CONNECT,
+              `AWS IoT closed the connection because another client connected with the client id ${session.clientId}; give each gateway its own clientId`,
+              { retryable: true, cause: err, details: { takenOver: true } },
+            )
+          : err,
       );
-    } catch (err) {
-      logger.error({ err }, 'disconnect_handler_failed');
+    } catch (e) {
+      logger.error({ err: e }, 'disconnect_handler_failed');
     }
   }
 
-  function endSession(session: Session): Promise<void> {
-    session.lost = true;
+  async function endSession(session: Session): Promise<void> {
     dropSession(session, closedError());
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        session.client.end(true);
-        resolve();
-      }, CLOSE_TIMEOUT_MS);
-      session.client.end(!session.client.connected, () => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
+    await session.link.close(closedError());
   }
 
-  function classifyConnectError(err: Error | undefined, id: string): GatewayError {
-    if (err === undefined) {
-      return new GatewayError(
+  /** The link's connect errors, said in AWS's terms: which setting or policy to look at. */
+  function explainConnectError(err: GatewayError, id: string): GatewayError {
+    if (err.code === ErrorCodes.ABORTED || err.code === ErrorCodes.PROVIDER_TIMEOUT) return err;
+    const cause = err.cause instanceof Error ? err.cause : undefined;
+    const explained = (code: GatewayError['code'], message: string, retryable: boolean) =>
+      new GatewayError(code, message, { retryable, cause: err, details: err.details });
+    if (cause === undefined) {
+      return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `${endpoint} closed the connection before CONNACK: the certificate may be inactive or unknown to AWS IoT, the policy may not allow iot:Connect for client id ${id}, or it connected less than 1 s ago`,
-        { retryable: true, details: { beforeConnack: true } },
+        true,
       );
     }
-    const code = (err as { code?: unknown }).code;
+    const code = (cause as { code?: unknown }).code;
     if (typeof code === 'number') {
       if (code === 0x97 || code === 3) {
-        return new GatewayError(
+        return explained(
           ErrorCodes.PROVIDER_CONNECT,
           `AWS IoT refused the CONNECT of ${id}: too soon after the last one (1 per second per client id)`,
-          {
-            retryable: true,
-            cause: err,
-            details: { connackCode: code },
-          },
+          true,
         );
       }
-      const auth = code === 4 || code === 5 || code === 0x86 || code === 0x87;
-      const message =
-        code === 2 || code === 0x85
-          ? `AWS IoT refused the client id ${id} (CONNACK ${code}); use at most 128 bytes, not starting with $`
-          : auth
-            ? `AWS IoT did not authorise ${id} (CONNACK ${code}); attach a policy allowing iot:Connect for this client id to the certificate`
-            : `AWS IoT refused the connection (CONNACK ${code}): ${err.message}`;
-      return new GatewayError(auth ? ErrorCodes.PROVIDER_AUTH : ErrorCodes.PROVIDER_CONNECT, message, {
-        retryable: !auth && code !== 2 && code !== 0x85,
-        cause: err,
-        details: { connackCode: code },
-      });
+      if (code === 2 || code === 0x85) {
+        return explained(
+          ErrorCodes.PROVIDER_CONNECT,
+          `AWS IoT refused the client id ${id} (CONNACK ${code}); use at most 128 bytes, not starting with $`,
+          false,
+        );
+      }
+      if (code === 4 || code === 5 || code === 0x86 || code === 0x87) {
+        return explained(
+          ErrorCodes.PROVIDER_AUTH,
+          `AWS IoT did not authorise ${id} (CONNACK ${code}); attach a policy allowing iot:Connect for this client id to the certificate`,
+          false,
+        );
+      }
+      return err;
     }
     const text = typeof code === 'string' ? code : '';
     if (text === 'ERR_TLS_CERT_ALTNAME_INVALID') {
-      return new GatewayError(
+      return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `the server certificate does not name ${settings.endpoint}; check settings.endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)`,
-        { retryable: false, cause: err, details: { tls: text } },
+        false,
       );
     }
     if (/CERT|SELF_SIGNED|UNABLE_TO_VERIFY|UNABLE_TO_GET/i.test(text)) {
-      return new GatewayError(
+      return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `the server certificate of ${settings.endpoint} is not trusted (${text}); set settings.ca to Amazon Root CA 1, or check settings.endpoint`,
-        { retryable: false, cause: err, details: { tls: text } },
-      );
-    }
-    if (/alert|handshake|certificate/i.test(err.message)) {
-      return new GatewayError(
-        ErrorCodes.PROVIDER_CONNECT,
-        `${settings.endpoint} refused the TLS handshake (${err.message}); check that settings.cert is a registered, active AWS IoT certificate`,
-        { retryable: true, cause: err, details: { tls: text || undefined } },
+        false,
       );
     }
     if (text === 'ENOTFOUND' || text === 'EAI_AGAIN') {
-      return new GatewayError(
+      return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `cannot resolve ${settings.address ?? settings.endpoint}; check settings.endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS) and DNS`,
-        { retryable: true, cause: err, details: { network: text } },
+        true,
       );
     }
     if (text === 'ECONNREFUSED') {
-      return new GatewayError(
+      return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `nothing accepts connections on ${settings.address ?? settings.endpoint}:${settings.port}; check settings.endpoint and settings.port (8883, or 443)`,
-        { retryable: true, cause: err, details: { network: text } },
+        true,
       );
     }
-    return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `cannot connect to ${endpoint}: ${err.message}`, {
-      retryable: true,
-      cause: err,
-      details: text ? { network: text } : undefined,
-    });
+    if (/alert|handshake|certificate/i.test(cause.message)) {
+      return explained(
+        ErrorCodes.PROVIDER_CONNECT,
+        `${settings.endpoint} refused the TLS handshake (${cause.message}); check that settings.cert is a registered, active AWS IoT certificate`,
+        true,
+      );
+    }
+    return err;
   }
 
   /** The stream link when it is up; otherwise a short-lived connection of its own (`-sync`). */
@@ -602,7 +446,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     run: (s: Session) => Promise<T>,
   ): Promise<T> {
     const current = stream;
-    if (purpose === 'sync' && current && current.established && !current.lost) return run(current);
+    if (purpose === 'sync' && current && current.established && current.link.connected) return run(current);
     const session = await openSession(`${clientId}-${purpose}`, purpose, signal);
     try {
       return await run(session);
@@ -733,7 +577,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
 
   const provider: Provider = {
     get maxInflight() {
-      return stream?.connack.properties?.receiveMaximum ?? AWS_MAX_INFLIGHT;
+      return Math.min(stream?.link.maxInflight ?? AWS_MAX_INFLIGHT, AWS_MAX_INFLIGHT);
     },
     maxPayloadBytes: AWS_MAX_PAYLOAD_BYTES,
     limits,
@@ -742,17 +586,14 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
       if (closed) throw closedError();
       const previous = stream;
       stream = undefined;
-      if (previous) {
-        previous.lost = true;
-        dropSession(previous, notConnected('the previous connection was replaced'));
-        previous.client.end(true);
-      }
+      if (previous) await endSession(previous);
       const session = await openSession(clientId, 'stream', signal);
       if (closed) {
         await endSession(session);
         throw closedError();
       }
-      if (session.lost) throw notConnected(`the connection to ${endpoint} closed right after CONNACK`);
+      if (!session.link.connected)
+        throw notConnected(`the connection to ${endpoint} closed right after CONNACK`);
       session.established = true;
       stream = session;
     },
@@ -760,7 +601,8 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     async publish(message: OutboundMessage) {
       if (closed) throw closedError();
       const session = stream;
-      if (session === undefined || session.lost) throw notConnected(`not connected to ${endpoint}`);
+      if (session === undefined || !session.link.connected)
+        throw notConnected(`not connected to ${endpoint}`);
       const local = parseLocalTopic(message.topic);
       if (local.kind === 'other') {
         throw new GatewayError(
@@ -853,7 +695,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
       const started = performance.now();
       try {
         return await withSession(signal, 'test', async (session) => {
-          details.connectMs = session.latencyMs;
+          details.connectMs = session.link.latencyMs;
           details.refusedSubscriptions = session.refused.length > 0 ? session.refused : undefined;
           const got = await session.shadow.get(clientId);
           details.shadowRoundTripMs = got.latencyMs;

@@ -13,7 +13,11 @@ export interface Pacer {
  * out: a full second's worth sent at once leaves no room for the network to bunch packets
  * together, so a link that never exceeds the rate could still look as if it did.
  */
-export function createPacer(perSecond: number, burst = Math.max(1, Math.floor(perSecond / 10))): Pacer {
+export function createPacer(
+  perSecond: number,
+  options: { burst?: number; onSlot?: (at: number) => void } = {},
+): Pacer {
+  const burst = options.burst ?? Math.max(1, Math.floor(perSecond / 10));
   const queue: { resolve(): void; reject(err: Error): void }[] = [];
   let tokens = burst;
   let last = performance.now();
@@ -32,6 +36,7 @@ export function createPacer(perSecond: number, burst = Math.max(1, Math.floor(pe
       tokens -= 1;
       sent[oldest] = now;
       oldest = (oldest + 1) % perSecond;
+      options.onSlot?.(now);
       return 0;
     }
     const bucketWait = tokens >= 1 ? 0 : ((1 - tokens) * 1000) / perSecond;

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { ErrorCodes, GatewayError } from '../../errors.js';
 import { throttled } from '../provider.js';
+import { createRequestTracker } from '../request-tracker.js';
 import { parseShadowTopic, shadowPrefix } from './topics.js';
 
 /**
@@ -76,12 +77,6 @@ interface Answer {
   body: JsonObject;
 }
 
-interface Pending {
-  resolve(answer: Answer): void;
-  reject(err: GatewayError): void;
-  timer: NodeJS.Timeout;
-}
-
 const VERSION_MEMO = 10_000;
 
 function isObject(v: unknown): v is JsonObject {
@@ -121,9 +116,13 @@ export function rejectionError(thingName: string, operation: string, body: JsonO
 export function createShadowClient(options: ShadowClientOptions): ShadowClient {
   const tokenPrefix = randomBytes(6).toString('hex');
   let sequence = 0;
-  const pending = new Map<string, Pending>();
-  const waiting: { start(): void; fail(err: GatewayError): void }[] = [];
-  let inflight = 0;
+  // Correlation by clientToken, at most `maxInflight` outstanding, the rest queued in order.
+  const tracker = createRequestTracker<Answer>({
+    maxInFlight: options.maxInflight,
+    timeoutMs: options.timeoutMs,
+    token: () => `${tokenPrefix}-${++sequence}`,
+    name: 'shadow',
+  });
   let versions = new Map<string, number>();
   /** Updates of one thing go one after another, so each carries the version the last one made. */
   const chains = new Map<string, Promise<unknown>>();
@@ -136,65 +135,19 @@ export function createShadowClient(options: ShadowClientOptions): ShadowClient {
     versions.set(thingName, version);
   };
 
-  function acquire(): Promise<void> {
-    if (inflight < options.maxInflight) {
-      inflight++;
-      return Promise.resolve();
-    }
-    return new Promise((resolve, reject) => {
-      waiting.push({
-        start: () => {
-          inflight++;
-          resolve();
-        },
-        fail: reject,
-      });
-    });
-  }
-
-  function release(): void {
-    inflight--;
-    waiting.shift()?.start();
-  }
-
   /** One request: publish with a fresh clientToken, wait for accepted or rejected. */
   async function request(
     thingName: string,
     operation: 'update' | 'get',
     body: JsonObject,
   ): Promise<Answer & { clientToken: string }> {
-    await acquire();
-    const clientToken = `${tokenPrefix}-${++sequence}`;
-    try {
-      const answer = new Promise<Answer>((resolve, reject) => {
-        const timer = setTimeout(() => {
-          pending.delete(clientToken);
-          reject(
-            new GatewayError(
-              ErrorCodes.PROVIDER_TIMEOUT,
-              `no answer to the shadow ${operation} of ${thingName} within ${options.timeoutMs} ms`,
-              { retryable: true, details: { thingName, clientToken } },
-            ),
-          );
-        }, options.timeoutMs);
-        pending.set(clientToken, { resolve, reject, timer });
-      });
-      const topic = `${shadowPrefix(thingName, options.shadowName)}/${operation}`;
-      options.publish(topic, Buffer.from(JSON.stringify({ ...body, clientToken }))).catch((err: unknown) => {
-        const p = pending.get(clientToken);
-        if (!p) return;
-        pending.delete(clientToken);
-        clearTimeout(p.timer);
-        p.reject(
-          err instanceof GatewayError
-            ? err
-            : new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, String(err), { retryable: true }),
-        );
-      });
-      return { ...(await answer), clientToken };
-    } finally {
-      release();
-    }
+    let clientToken = '';
+    const topic = `${shadowPrefix(thingName, options.shadowName)}/${operation}`;
+    const answer = await tracker.request((token) => {
+      clientToken = token;
+      return options.publish(topic, Buffer.from(JSON.stringify({ ...body, clientToken: token })));
+    });
+    return { ...answer, clientToken };
   }
 
   async function get(thingName: string): Promise<GetOutcome> {
@@ -267,7 +220,7 @@ export function createShadowClient(options: ShadowClientOptions): ShadowClient {
 
   return {
     get inflight() {
-      return inflight;
+      return tracker.stats.inFlight;
     },
 
     updateReported(thingName, patch) {
@@ -295,12 +248,7 @@ export function createShadowClient(options: ShadowClientOptions): ShadowClient {
       if (!isObject(body)) return undefined;
       const token = typeof body.clientToken === 'string' ? body.clientToken : undefined;
       if ((parsed.outcome === 'accepted' || parsed.outcome === 'rejected') && token !== undefined) {
-        const p = pending.get(token);
-        if (p) {
-          pending.delete(token);
-          clearTimeout(p.timer);
-          p.resolve({ outcome: parsed.outcome, body });
-        }
+        tracker.settle(token, { outcome: parsed.outcome, body });
       }
       if (parsed.outcome === 'accepted' && parsed.operation === 'update')
         noteVersion(parsed.thingName, body.version);
@@ -329,12 +277,7 @@ export function createShadowClient(options: ShadowClientOptions): ShadowClient {
     },
 
     failAll(err) {
-      for (const [token, p] of pending) {
-        clearTimeout(p.timer);
-        pending.delete(token);
-        p.reject(err);
-      }
-      for (const w of waiting.splice(0)) w.fail(err);
+      tracker.rejectAll(err);
     },
   };
 }
