@@ -1,24 +1,16 @@
 import { z } from 'zod';
-import { parseDuration } from '../../config/units.js';
+import { durationSchema, formatDuration } from '../../config/units.js';
 import { SHADOW_NAME, templateProblem } from './topics.js';
 
+/** A duration in ms with a default, optionally bounded (AWS keep-alive: 30 s to 1200 s). */
 const durationMs = (fallback: string, min = 0, max = Number.MAX_SAFE_INTEGER) =>
-  z
-    .union([z.string(), z.number()])
-    .transform((v, ctx) => {
-      const ms = parseDuration(v);
-      if (ms === undefined || ms < min || ms > max) {
-        ctx.addIssue({
-          code: z.ZodIssueCode.custom,
-          message:
-            ms === undefined
-              ? `"${v}" is not a duration; write e.g. 30s`
-              : `"${v}" is out of range; use ${min / 1000}s to ${max / 1000}s`,
-        });
-        return z.NEVER;
-      }
-      return ms;
-    })
+  durationSchema()
+    .refine(
+      (ms) => ms >= min && ms <= max,
+      max === Number.MAX_SAFE_INTEGER
+        ? `must be at least ${formatDuration(min)}`
+        : `out of range; use ${formatDuration(min)} to ${formatDuration(max)}`,
+    )
     .default(fallback);
 
 /** A bare DNS host name: the iot:Data-ATS endpoint has no scheme, port or path (§1.1). */
