@@ -100,6 +100,14 @@ export interface AwsIotSim {
   outage(down: boolean): void;
   /** Closes one client's connection (administrative disconnect). */
   kick(clientId: string): void;
+  /** Cuts every connection, as a network loss; new connections are taken. */
+  dropConnections(): void;
+  /** Withholds PUBACKs (the messages still arrive) until `releaseAcks`. */
+  holdAcks(): void;
+  releaseAcks(): void;
+  /** Leaves CONNECTs unanswered until `releaseConnects`. */
+  stallConnects(): void;
+  releaseConnects(): void;
   waitFor<T>(probe: () => T | undefined | false, timeoutMs?: number, what?: string): Promise<T>;
   stop(): Promise<void>;
 }
@@ -186,6 +194,10 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
   const timers = new Set<NodeJS.Timeout>();
   let down = false;
   let stopped = false;
+  let holding = false;
+  const heldAcks: (() => void)[] = [];
+  let stalling = false;
+  const heldConnects: (() => void)[] = [];
 
   const server = createServer({
     cert: options.cert,
@@ -435,7 +447,8 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
       retain: packet.retain,
       at: performance.now(),
     };
-    puback(0);
+    if (holding) heldAcks.push(() => puback(0));
+    else puback(0);
     if (shadows.isRequest(packet.topic)) {
       shadowRequests.push(message);
       // More than 10 requests in flight on one connection: 429 (§1.3 error codes).
@@ -540,7 +553,8 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
         close(conn, 'second CONNECT', 0x82);
         return;
       }
-      onConnect(conn, packet);
+      if (stalling) heldConnects.push(() => !conn.socket.destroyed && onConnect(conn, packet));
+      else onConnect(conn, packet);
       return;
     }
     if (!conn.connected) {
@@ -626,6 +640,23 @@ export async function startAwsIotSim(options: AwsIotSimOptions): Promise<AwsIotS
     outage(isDown) {
       down = isDown;
       if (isDown) for (const s of sockets) s.destroy();
+    },
+    dropConnections() {
+      for (const s of sockets) s.destroy();
+    },
+    holdAcks() {
+      holding = true;
+    },
+    releaseAcks() {
+      holding = false;
+      for (const ack of heldAcks.splice(0)) ack();
+    },
+    stallConnects() {
+      stalling = true;
+    },
+    releaseConnects() {
+      stalling = false;
+      for (const c of heldConnects.splice(0)) c();
     },
     kick(clientId) {
       const c = byClientId.get(clientId);
