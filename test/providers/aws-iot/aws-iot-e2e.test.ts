@@ -45,6 +45,7 @@ interface Site {
   device(id: (typeof DEVICES)[number]): Promise<MqttClient>;
   deadLetters(): { device_id: string; topic: string; error_code: string; reason: string }[];
   queued(): number;
+  activity(type: string): { status: string; metadata: Record<string, unknown> }[];
 }
 
 async function startSite(
@@ -123,6 +124,15 @@ async function startSite(
     },
     queued() {
       return (db().prepare('SELECT count(*) AS n FROM queue_messages').get() as { n: number }).n;
+    },
+    activity(type) {
+      const rows = db()
+        .prepare('SELECT status, metadata FROM activity_log WHERE activity_type = ? ORDER BY seq')
+        .all(type) as { status: string; metadata: string }[];
+      return rows.map((r) => ({
+        status: r.status,
+        metadata: JSON.parse(r.metadata) as Record<string, unknown>,
+      }));
     },
   };
 }
@@ -312,9 +322,45 @@ describe('aws-iot end to end', () => {
     expect(site.sim.shadows.document('pump-1')).toMatchObject({
       state: { reported: { rpm: 2, firmware: '2.0' } },
     });
-    const rejected = site.sim.shadowRequests.filter((r) => r.topic.endsWith('/get'));
-    expect(rejected).toHaveLength(1);
+    const gets = site.sim.shadowRequests.filter((r) => r.topic.endsWith('/get'));
+    expect(gets).toHaveLength(1);
     expect(site.deadLetters()).toEqual([]);
+    expect(site.activity('shadow_conflict')).toEqual([
+      expect.objectContaining({
+        status: 'success',
+        metadata: expect.objectContaining({ outcome: 'retried' }),
+      }),
+    ]);
+  });
+
+  it('a sync from the daemon imports the desired state of known devices and exports their reported state', async () => {
+    const site = await startSite();
+    await site.sim.waitFor(() => site.sim.clients().length === 1, 20_000, 'the gateway link');
+    site.sim.updateShadow('pump-2', { state: { desired: { rpm: 640 } } });
+    const pump = await site.device('pump-1');
+    await pump.publishAsync('devices/pump-1/state', '{"rpm":5,"mode":"idle"}', { qos: 1 });
+    await site.sim.waitFor(
+      () => site.sim.shadows.document('pump-1')?.version === 1,
+      20_000,
+      'the state update',
+    );
+    // The cloud loses pump-1's shadow; the export puts the gateway's merged state back.
+    site.sim.shadows.handle('$aws/things/pump-1/shadow/delete', Buffer.from('{}'));
+    const outcome = await site.gateway.sync('aws', 'both');
+    expect(outcome).toMatchObject({ ok: true, recordsFailed: 0 });
+    expect(outcome.details).toMatchObject({ import: { delivered: 1 } });
+    expect(site.sim.shadows.document('pump-1')).toMatchObject({
+      state: { reported: { rpm: 5, mode: 'idle' } },
+    });
+    // Desired state reached the broker retained: pump-2 gets it when it subscribes.
+    const late = await site.device('pump-2');
+    const desired = new Promise<string>((resolve) => late.on('message', (_t, p) => resolve(p.toString())));
+    await late.subscribeAsync('devices/pump-2/desired', { qos: 1 });
+    expect(await desired).toBe('{"rpm":640}');
+    const gets = site.activity('shadow_get');
+    expect(gets.length).toBe(3);
+    expect(gets.every((g) => typeof g.metadata.requestId === 'string')).toBe(true);
+    expect(site.activity('sync_bidirectional')).toEqual([expect.objectContaining({ status: 'success' })]);
   });
 });
 
