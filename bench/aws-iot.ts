@@ -102,7 +102,7 @@ export async function runAwsIotBench(ctx: BenchContext, settings: BenchSettings)
           ['device fan-in to the durable queue, msg/s', fmt(fanIn)],
           ['delivered to AWS, msg/s (first to last arrival)', fmt(deliveredRate)],
           ['of the 100/s quota', `${((deliveredRate / AWS_RATE) * 100).toFixed(1)} %`],
-          ['busiest 1 s window at AWS', fmt(busiest)],
+          ['busiest 1 s of arrivals at the simulator (its event loop stalls bunch them)', fmt(busiest)],
           ['throttled by AWS (PUBACK 0x97)', fmt(throttled)],
           ['missing', fmt(expected - unique.size)],
           ['duplicates', fmt(sim.received.length - unique.size)],
