@@ -429,7 +429,8 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
         true,
       );
     }
-    if (/alert|handshake|certificate/i.test(cause.message)) {
+    // OpenSSL alerts from the server (ERR_SSL_…_ALERT_…): it did not take our certificate.
+    if (/^ERR_SSL_.*ALERT/.test(text) || text === 'ECONNRESET') {
       return explained(
         ErrorCodes.PROVIDER_CONNECT,
         `${settings.endpoint} refused the TLS handshake (${cause.message}); check that settings.cert is a registered, active AWS IoT certificate`,

@@ -323,7 +323,18 @@ describe('aws-iot provider: operations', () => {
     expect(wrongEndpoint.error?.message).toMatch(
       /server certificate does not name zzz-ats\.iot\.us-east-1\.amazonaws\.com; check settings\.endpoint/,
     );
-    for (const r of [missing, wrongKey, wrongEndpoint]) {
+    const foreign = world.pki.issueClient('site-gw', { signedByOtherCa: true });
+    const foreignCert = join(world.pki.dir, 'foreign.crt');
+    const foreignKey = join(world.pki.dir, 'foreign.key');
+    writeFileSync(foreignCert, foreign.cert);
+    writeFileSync(foreignKey, foreign.key);
+    const unknownCert = await makeProvider(
+      world.settings(sim, { cert: foreignCert, key: foreignKey }),
+    ).provider.testConnection(new AbortController().signal);
+    expect(unknownCert.error?.message).toMatch(
+      /refused the TLS handshake .*; check that settings\.cert is a registered, active AWS IoT certificate$|closed the connection before CONNACK: the certificate may be inactive or unknown to AWS IoT/,
+    );
+    for (const r of [missing, wrongKey, wrongEndpoint, unknownCert]) {
       expect(r.ok).toBe(false);
       expect(r.error!.message.split('; ').length).toBeLessThanOrEqual(2);
       expect(r.error!.message).not.toMatch(/\n/);
