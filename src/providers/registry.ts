@@ -1,5 +1,6 @@
 import { ErrorCodes, GatewayError } from '../errors.js';
 import { createAwsIotProvider } from './aws-iot/aws-iot.js';
+import { createGoliothProvider } from './golioth/golioth-provider.js';
 import { createMqttProvider } from './mqtt/mqtt-provider.js';
 import type { Provider, ProviderContext, ProviderFactory } from './provider.js';
 import type { AvailableType } from './settings.js';
@@ -15,6 +16,7 @@ export type ProviderFactories = Readonly<Partial<Record<string, ProviderFactory>
  */
 export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   mqtt: createMqttProvider,
+  golioth: createGoliothProvider,
   'aws-iot': createAwsIotProvider,
 };
 
