@@ -170,6 +170,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     }
     try {
       commandHandler({ topic, payload, qos: 1, retain });
+      logger.debug({ topic, retain }, 'inbound_delivered');
       return true;
     } catch (err) {
       logger.error({ err, topic }, 'inbound_handler_failed');
@@ -237,7 +238,6 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     // connections, which the supervisor does not pace, wait here.
     const since = performance.now() - (lastConnect.get(id) ?? -Infinity);
     if (since < AWS_CONNECT_INTERVAL_MS) await delay(AWS_CONNECT_INTERVAL_MS - since, signal);
-    lastConnect.set(id, performance.now());
     let link: MqttLink;
     try {
       link = await openMqttLink(
@@ -267,6 +267,10 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
       );
     } catch (err) {
       throw explainConnectError(asGatewayError(err), id);
+    } finally {
+      // Counted from the end of the attempt: AWS saw the CONNECT before then, so a second
+      // second from here is a second at AWS too, whatever the handshakes took.
+      lastConnect.set(id, performance.now());
     }
     const session: Session = {
       link,
