@@ -10,6 +10,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runBrokerStateBench } from './broker-state.js';
+import { runAwsIotBench } from './aws-iot.js';
 import { runLatencyBench } from './latency.js';
 import { createDeviceAuth } from './lib/credentials.js';
 import { createProcessGroup, pin, pinDescription } from './lib/process.js';
@@ -112,6 +113,7 @@ async function main(): Promise<number> {
     ['rss', () => runRssBench(ctx, settings)],
     ['outage', () => runOutageBench(ctx, settings)],
     ['broker-state', () => runBrokerStateBench(ctx, settings)],
+    ['aws-iot', () => runAwsIotBench(ctx, settings)],
     ['replication', () => runReplication(quiet)],
   ];
   let failures = 0;

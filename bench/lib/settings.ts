@@ -49,7 +49,9 @@ export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSetting
     runs: num(env, 'BENCH_RUNS', quick ? 1 : 3),
     systems,
     only: new Set(
-      (env.BENCH_ONLY ?? 'throughput,latency,rss,outage,broker-state').split(',').map((s) => s.trim()),
+      (env.BENCH_ONLY ?? 'throughput,latency,rss,outage,broker-state,aws-iot')
+        .split(',')
+        .map((s) => s.trim()),
     ),
     payloadSize: num(env, 'BENCH_PAYLOAD', 64),
     devices: num(env, 'BENCH_DEVICES', 10),

@@ -260,8 +260,10 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
       lastError = err;
     });
     client.on('disconnect', (packet) => {
-      lastError = new Error(
-        `the server sent DISCONNECT (reason code 0x${(packet.reasonCode ?? 0).toString(16)})`,
+      // The reason code rides along so a provider can branch on it (AWS: 0x8E session taken over).
+      lastError = Object.assign(
+        new Error(`the server sent DISCONNECT (reason code 0x${(packet.reasonCode ?? 0).toString(16)})`),
+        { reasonCode: packet.reasonCode ?? 0 },
       );
     });
     const safety = setTimeout(

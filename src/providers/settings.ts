@@ -1,4 +1,5 @@
 import type { z } from 'zod';
+import { awsIotSettingsSchema } from './aws-iot/settings.js';
 import { goliothRouteProblems, goliothSettingsSchema } from './golioth/settings.js';
 import { mqttSettingsSchema } from './mqtt/settings.js';
 
@@ -13,6 +14,7 @@ export type ProviderType = (typeof PROVIDER_TYPES)[number];
 const availableSettingsSchemas = {
   mqtt: mqttSettingsSchema,
   golioth: goliothSettingsSchema,
+  'aws-iot': awsIotSettingsSchema,
 } satisfies Partial<Record<ProviderType, z.ZodTypeAny>>;
 
 /** The types that have a settings schema; the provider registry must have a factory for each. */

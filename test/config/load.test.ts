@@ -144,7 +144,7 @@ describe('config loading', () => {
     );
   });
 
-  it('refuses unknown and unavailable provider types', () => {
+  it('refuses unknown provider types; aws-iot is available and asks for its settings', () => {
     const text = [
       'gateway: { id: gw }',
       'integrations:',
@@ -154,7 +154,7 @@ describe('config loading', () => {
     const messages = issuesOf(text).map((i) => `${i.path}: ${i.message}`);
     expect(messages).toContainEqual(expect.stringMatching(/^integrations\[0\]\.type: .*mqtt/));
     expect(messages).toContainEqual(
-      expect.stringMatching(/^integrations\[1\]\.type: the aws-iot provider is not available/),
+      expect.stringMatching(/^integrations\[1\]\.settings\.endpoint: is required/),
     );
   });
 
