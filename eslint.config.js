@@ -1,6 +1,40 @@
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
+// Imports point down (docs/architecture.md): gateway → providers → store → config/common.
+// Each entry names what one layer may not import; a layer's restrictions are listed once.
+const UP = {
+  gateway: {
+    group: ['**/gateway/**'],
+    message: 'Only src/gateway/ composes the gateway; pass what you need in.',
+  },
+  providers: {
+    group: ['**/providers/**'],
+    message: 'Providers sit above this layer; depend on src/common/ instead.',
+  },
+  store: {
+    group: ['**/store/**'],
+    message: 'The store sits above this layer; depend on src/common/ instead.',
+  },
+  commands: { group: ['**/commands/**'], message: 'Commands are the top layer; nothing imports them.' },
+  // config/schema.ts assembles the per-provider settings schemas, so config may reach those only.
+  providersExceptSettings: {
+    regex: '(^|/)providers/(?!([^/]+/)?settings\\.js$)',
+    message:
+      'Config may import only the providers’ settings schemas (src/providers/settings.ts, src/providers/*/settings.ts).',
+  },
+};
+const layers = {
+  'src/store/**': [UP.gateway, UP.providers, UP.commands],
+  'src/common/**': [UP.gateway, UP.providers, UP.store, UP.commands],
+  'src/config/**': [UP.gateway, UP.providersExceptSettings, UP.store, UP.commands],
+  'src/providers/**': [
+    UP.gateway,
+    UP.commands,
+    // UP.store: added once the deprecated context.activity is gone (issue 10, item 5).
+  ],
+};
+
 export default tseslint.config(
   { ignores: ['dist/', 'dist-bench/', 'node_modules/', 'data/', 'test-output/', 'src/gateway/dashboard/'] },
   js.configs.recommended,
@@ -18,4 +52,8 @@ export default tseslint.config(
       ],
     },
   },
+  ...Object.entries(layers).map(([files, patterns]) => ({
+    files: [files],
+    rules: { 'no-restricted-imports': ['error', { patterns }] },
+  })),
 );

@@ -1,5 +1,5 @@
 import { createInterface } from 'node:readline';
-import { hashPassword } from '../gateway/password-hash.js';
+import { hashPassword } from '../gateway/broker/password-hash.js';
 import { EXIT_OK, usageError, type CommandIo } from './common.js';
 
 /** `iot-gateway hash-password`: reads a password from stdin (piped) or a hidden prompt. */

@@ -1,4 +1,4 @@
-import { daemonUrl, fetchStatus, formatStatus } from '../gateway/status-format.js';
+import { daemonUrl, fetchStatus, formatStatus } from '../gateway/http/status-format.js';
 import { EXIT_OK, loadForCommand, type CommandIo } from './common.js';
 
 /** `iot-gateway status`: asks the running daemon over HTTP and prints its state for a person. */

@@ -14,17 +14,17 @@ import type { Replicator } from '../store/replicator.js';
 import { createRetention } from '../store/retention.js';
 import { createWalWatch, type WalWatch } from '../store/wal-watch.js';
 import { createClockWatch } from './clock-watch.js';
-import { createBroker, type Broker } from './broker.js';
+import { createBroker, type Broker } from './broker/broker.js';
 import { watchConfigFile } from './config-watcher.js';
-import { createConnectionSupervisor, type ConnectionSupervisor } from './connection-supervisor.js';
+import { createConnectionSupervisor, type ConnectionSupervisor } from './delivery/connection-supervisor.js';
 import { watchFailures } from './failure-alerts.js';
-import { createForwarder, type Forwarder } from './forwarder.js';
-import { createHttpServer, type HttpServer } from './http-server.js';
-import { createIngest, type Ingest } from './ingest.js';
-import type { Metrics } from './metrics.js';
+import { createForwarder, type Forwarder } from './delivery/forwarder.js';
+import { createHttpServer, type HttpServer } from './http/http-server.js';
+import { createIngest, type Ingest } from './delivery/ingest.js';
+import type { Metrics } from './http/metrics.js';
 import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { scheduleJob, type ScheduledJob } from './schedules.js';
-import type { GatewayStatusSnapshot, IntegrationStatus, ReplicationStatus } from './status.js';
+import type { GatewayStatusSnapshot, IntegrationStatus, ReplicationStatus } from './http/status.js';
 import { createSystemdNotifier, type SystemdNotifier } from './systemd-notify.js';
 import { VERSION } from '../version.js';
 
@@ -679,7 +679,7 @@ function lazyMetrics(getStatus: () => GatewayStatusSnapshot): Pick<Metrics, 'con
   return {
     contentType: PROMETHEUS_CONTENT_TYPE,
     async render() {
-      metrics ??= import('./metrics.js').then((m) => m.createMetrics({ getStatus }));
+      metrics ??= import('./http/metrics.js').then((m) => m.createMetrics({ getStatus }));
       return (await metrics).render();
     },
   };

@@ -1,4 +1,4 @@
-import type { OutboundMessage } from '../providers/provider.js';
+import type { OutboundMessage } from '../common/outbound-message.js';
 
 /** A message a device published, on its way into the durable queues. */
 export interface IncomingMessage {

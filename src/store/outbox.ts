@@ -1,7 +1,7 @@
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { createRecentRows, type CachedRow } from './recent-rows.js';
-import type { OutboundMessage } from '../providers/provider.js';
+import type { OutboundMessage } from '../common/outbound-message.js';
 import type { ActivityLog } from './activity-log.js';
 import type { SqliteDatabase, Statement } from './database.js';
 import type { EnqueueTarget, IncomingMessage, Outbox, QueueLimits, QueueStats } from './outbox-types.js';

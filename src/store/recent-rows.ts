@@ -1,4 +1,4 @@
-import type { OutboundMessage } from '../providers/provider.js';
+import type { OutboundMessage } from '../common/outbound-message.js';
 
 export interface CachedRow {
   message: OutboundMessage;

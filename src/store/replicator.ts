@@ -1,11 +1,22 @@
 import pg from 'pg';
 import type { CentralConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
-import type { ReplicationStatus } from '../gateway/status.js';
 import type { Logger } from '../logger.js';
 import type { ActivityLog } from './activity-log.js';
 import { classifyCentralError, type CentralFailure } from './central/central-errors.js';
 import type { SqliteDatabase } from './database.js';
+
+/** Replication health as the status snapshot, metrics and `status` show it. */
+export interface ReplicationStatus {
+  configured: boolean;
+  state: 'disabled' | 'idle' | 'replicating' | 'backoff';
+  pendingRows: number;
+  oldestPendingAgeMs: number | null;
+  replicatedRows: number;
+  rejectedRows: number;
+  lastSuccessAt: number | null;
+  lastError: { code: string; message: string; at: number } | null;
+}
 
 export interface ReplicatorOptions {
   db: SqliteDatabase;

@@ -6,7 +6,7 @@ import { dirname, join } from 'node:path';
 import Database from 'better-sqlite3';
 import mqtt from 'mqtt';
 import { describe, expect, it } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
+import { hashPassword } from '../../src/gateway/broker/password-hash.js';
 import { CLI, startDaemon } from '../helpers/daemon.js';
 import { freePort } from '../helpers/ports.js';
 

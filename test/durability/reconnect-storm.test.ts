@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, describe, expect, it } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
+import { hashPassword } from '../../src/gateway/broker/password-hash.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { freePort } from '../helpers/ports.js';
 import { waitFor } from '../helpers/sequenced-devices.js';

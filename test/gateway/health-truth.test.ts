@@ -7,8 +7,8 @@ import Database from 'better-sqlite3';
 import mqtt from 'mqtt';
 import mqttPacket from 'mqtt-packet';
 import { afterAll, describe, expect, it } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
-import type { GatewayStatusSnapshot } from '../../src/gateway/status.js';
+import { hashPassword } from '../../src/gateway/broker/password-hash.js';
+import type { GatewayStatusSnapshot } from '../../src/gateway/http/status.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { freePort } from '../helpers/ports.js';
 

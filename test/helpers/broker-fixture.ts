@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll } from 'vitest';
 import { configSchema, type Config, type ConfigInput } from '../../src/config/schema.js';
-import { hashPassword } from '../../src/gateway/password-hash.js';
+import { hashPassword } from '../../src/gateway/broker/password-hash.js';
 import type { Logger } from '../../src/logger.js';
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';

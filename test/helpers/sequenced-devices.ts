@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import mqtt, { type MqttClient } from 'mqtt';
 import { expect } from 'vitest';
-import { hashPassword } from '../../src/gateway/password-hash.js';
+import { hashPassword } from '../../src/gateway/broker/password-hash.js';
 import { startMosquitto } from './mosquitto.js';
 import { freePort } from './ports.js';
 import { startTcpProxy, type TcpProxy } from './tcp-proxy.js';

@@ -1,4 +1,4 @@
-import type { GatewayStatusSnapshot, IntegrationStatus } from '../../src/gateway/status.js';
+import type { GatewayStatusSnapshot, IntegrationStatus } from '../../src/gateway/http/status.js';
 
 /** A plausible daemon snapshot; tests override what they assert on. */
 export function buildSnapshot(overrides: Partial<GatewayStatusSnapshot> = {}): GatewayStatusSnapshot {

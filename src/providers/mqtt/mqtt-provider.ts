@@ -8,7 +8,8 @@ import {
   type Packet,
 } from 'mqtt';
 import { ErrorCodes, GatewayError, errorMessage, type ErrorCode } from '../../errors.js';
-import { matchTopic, expandTemplate } from '../../gateway/topic-match.js';
+import { matchTopic } from '../../common/topic-match.js';
+import { expandTemplate } from '../../common/topic-template.js';
 import type { Logger } from '../../logger.js';
 import { redactUrl } from '../../logger.js';
 import type {

@@ -4,9 +4,9 @@ import { createServer as createNetServer, type AddressInfo, type Server, type So
 import type { Duplex } from 'node:stream';
 import { createServer as createTlsServer, type Server as TlsServer, type TLSSocket } from 'node:tls';
 import type { WebSocketServer } from 'ws';
-import type { ListenerConfig } from '../config/schema.js';
-import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
-import type { Logger } from '../logger.js';
+import type { ListenerConfig } from '../../config/schema.js';
+import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
+import type { Logger } from '../../logger.js';
 import type { ConnectRateLimiter, ConnectRateRefusal } from './admission.js';
 import { limitPacketSize, type PacketRejectReason } from './packet-limit.js';
 

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { configSchema } from '../../src/config/schema.js';
+import { configSchema } from '../../../src/config/schema.js';
 import {
   anonymousAcl,
   canPublish,
@@ -11,7 +11,7 @@ import {
   filtersIntersect,
   sameAcl,
   type EffectiveAcl,
-} from '../../src/gateway/acl.js';
+} from '../../../src/gateway/broker/acl.js';
 
 const own = defaultDeviceAcl('a', 'gw1');
 

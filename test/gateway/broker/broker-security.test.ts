@@ -1,19 +1,19 @@
 import mqtt, { type MqttClient } from 'mqtt';
 import mqttPacket, { type Packet } from 'mqtt-packet';
 import { describe, expect, it } from 'vitest';
-import type { Config, ConfigInput } from '../../src/config/schema.js';
-import { createBroker, type Broker } from '../../src/gateway/broker.js';
-import { createPacketSizeScanner } from '../../src/gateway/packet-limit.js';
-import { createLogger } from '../../src/logger.js';
-import type { ActivityLog } from '../../src/store/activity-log.js';
-import type { IncomingMessage } from '../../src/store/outbox-types.js';
+import type { Config, ConfigInput } from '../../../src/config/schema.js';
+import { createBroker, type Broker } from '../../../src/gateway/broker/broker.js';
+import { createPacketSizeScanner } from '../../../src/gateway/broker/packet-limit.js';
+import { createLogger } from '../../../src/logger.js';
+import type { ActivityLog } from '../../../src/store/activity-log.js';
+import type { IncomingMessage } from '../../../src/store/outbox-types.js';
 import {
   PASSWORDS,
   openWorldStore,
   twoDeviceBrokerConfig,
   useBrokerTestWorld,
-} from '../helpers/broker-fixture.js';
-import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
+} from '../../helpers/broker-fixture.js';
+import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-sec';
 const world = useBrokerTestWorld('gw-broker-sec-');

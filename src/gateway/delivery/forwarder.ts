@@ -1,11 +1,11 @@
-import { ErrorCodes, errorMessage, toGatewayError, type GatewayError } from '../errors.js';
-import type { Logger } from '../logger.js';
-import type { OutboundMessage, Provider } from '../providers/provider.js';
-import type { ActivityLog } from '../store/activity-log.js';
-import type { Outbox } from '../store/outbox-types.js';
-import { createBackoff, type Backoff } from './backoff.js';
+import { ErrorCodes, errorMessage, toGatewayError, type GatewayError } from '../../errors.js';
+import type { Logger } from '../../logger.js';
+import type { OutboundMessage, Provider } from '../../providers/provider.js';
+import type { ActivityLog } from '../../store/activity-log.js';
+import type { Outbox } from '../../store/outbox-types.js';
+import { createBackoff, type Backoff } from '../../common/backoff.js';
 import type { ConnectionSupervisor } from './connection-supervisor.js';
-import { createRateLimiter } from './rate-limiter.js';
+import { createRateLimiter } from '../../common/rate-limiter.js';
 
 export interface Forwarder {
   start(): void;

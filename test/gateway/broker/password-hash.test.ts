@@ -5,7 +5,7 @@ import {
   hashPassword,
   isPasswordHash,
   verifyPassword,
-} from '../../src/gateway/password-hash.js';
+} from '../../../src/gateway/broker/password-hash.js';
 
 describe('password hashes', () => {
   it('hashes in the documented format with a fresh salt each time', async () => {

@@ -7,25 +7,25 @@ import { createServer as createTlsServer } from 'node:tls';
 import { Aedes } from 'aedes';
 import { connectAsync } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { configSchema } from '../../src/config/schema.js';
-import { createBackoff } from '../../src/gateway/backoff.js';
+import { configSchema } from '../../../src/config/schema.js';
+import { createBackoff } from '../../../src/common/backoff.js';
 import {
   createConnectionSupervisor,
   type ConnectionSupervisor,
-} from '../../src/gateway/connection-supervisor.js';
-import { createForwarder, type Forwarder } from '../../src/gateway/forwarder.js';
-import { createRateLimiter } from '../../src/gateway/rate-limiter.js';
-import type { Logger } from '../../src/logger.js';
-import { createMqttProvider } from '../../src/providers/mqtt/mqtt-provider.js';
-import type { Provider } from '../../src/providers/provider.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
-import { createOutbox } from '../../src/store/outbox.js';
-import type { Outbox, QueueLimits } from '../../src/store/outbox-types.js';
-import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
-import { createTestPki } from '../helpers/certs.js';
-import { startMosquitto, type PrivateMosquitto } from '../helpers/mosquitto.js';
-import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js';
+} from '../../../src/gateway/delivery/connection-supervisor.js';
+import { createForwarder, type Forwarder } from '../../../src/gateway/delivery/forwarder.js';
+import { createRateLimiter } from '../../../src/common/rate-limiter.js';
+import type { Logger } from '../../../src/logger.js';
+import { createMqttProvider } from '../../../src/providers/mqtt/mqtt-provider.js';
+import type { Provider } from '../../../src/providers/provider.js';
+import { createActivityLog, type ActivityLog } from '../../../src/store/activity-log.js';
+import { openStore, type Store } from '../../../src/store/database.js';
+import { createOutbox } from '../../../src/store/outbox.js';
+import type { Outbox, QueueLimits } from '../../../src/store/outbox-types.js';
+import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
+import { createTestPki } from '../../helpers/certs.js';
+import { startMosquitto, type PrivateMosquitto } from '../../helpers/mosquitto.js';
+import { startTcpProxy, type TcpProxy } from '../../helpers/tcp-proxy.js';
 
 const roomy: QueueLimits = {
   maxMessages: 1_000_000,

@@ -3,15 +3,15 @@ import { createRequire } from 'node:module';
 import mqtt from 'mqtt';
 import mqttPacket from 'mqtt-packet';
 import { expect, it } from 'vitest';
-import { createBroker } from '../../src/gateway/broker.js';
-import { createLogger } from '../../src/logger.js';
+import { createBroker } from '../../../src/gateway/broker/broker.js';
+import { createLogger } from '../../../src/logger.js';
 import {
   PASSWORDS,
   openWorldStore,
   twoDeviceBrokerConfig,
   useBrokerTestWorld,
-} from '../helpers/broker-fixture.js';
-import { connectPacket, connectRaw, waitUntil, type Closable } from '../helpers/raw-mqtt.js';
+} from '../../helpers/broker-fixture.js';
+import { connectPacket, connectRaw, waitUntil, type Closable } from '../../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-test';
 /** The module aedes and mqtt.js write packets with (one copy in node_modules, one instance). */

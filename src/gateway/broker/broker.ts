@@ -2,11 +2,11 @@ import { Aedes, type AedesPublishPacket, type Client, type PublishPacket, type S
 import { writeToStream } from 'mqtt-packet';
 import type { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
-import type { Config } from '../config/schema.js';
-import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
-import type { Logger } from '../logger.js';
-import type { ActivityEntry, ActivityLog } from '../store/activity-log.js';
-import type { IncomingMessage } from '../store/outbox-types.js';
+import type { Config } from '../../config/schema.js';
+import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
+import type { Logger } from '../../logger.js';
+import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
+import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
   EMPTY_ACL,
   anonymousAcl,

@@ -1,3 +1,7 @@
+import type { ReplicationStatus } from '../../store/replicator.js';
+
+export type { ReplicationStatus };
+
 /** The daemon's state as one snapshot: /api/status, /metrics, the dashboard and `iot-gateway status` read it. */
 
 export type IntegrationState =
@@ -31,17 +35,6 @@ export interface IntegrationStatus {
     deadLettered: number;
     deadLetters: number;
   };
-}
-
-export interface ReplicationStatus {
-  configured: boolean;
-  state: 'disabled' | 'idle' | 'replicating' | 'backoff';
-  pendingRows: number;
-  oldestPendingAgeMs: number | null;
-  replicatedRows: number;
-  rejectedRows: number;
-  lastSuccessAt: number | null;
-  lastError: { code: string; message: string; at: number } | null;
 }
 
 export interface GatewayStatusSnapshot {

@@ -4,15 +4,15 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createHttpServer, type HttpServer } from '../../src/gateway/http-server.js';
-import { createMetrics } from '../../src/gateway/metrics.js';
-import { createSilentLogger } from '../../src/logger.js';
-import { createActivityLog, type ActivityEntry } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
-import { buildIntegration, buildSnapshot } from '../helpers/status-snapshot.js';
+import { createHttpServer, type HttpServer } from '../../../src/gateway/http/http-server.js';
+import { createMetrics } from '../../../src/gateway/http/metrics.js';
+import { createSilentLogger } from '../../../src/logger.js';
+import { createActivityLog, type ActivityEntry } from '../../../src/store/activity-log.js';
+import { openStore, type Store } from '../../../src/store/database.js';
+import { buildIntegration, buildSnapshot } from '../../helpers/status-snapshot.js';
 
 /** Written on every run so a person can look at the page (CI keeps it as an artifact). */
-const SCREENSHOT = fileURLToPath(new URL('../../test-output/dashboard.png', import.meta.url));
+const SCREENSHOT = fileURLToPath(new URL('../../../test-output/dashboard.png', import.meta.url));
 const WAIT = { timeout: 15_000 };
 
 const X_ID = '0190a1b2-0000-7000-8000-000000000001';

@@ -2,29 +2,29 @@ import { connect as netConnect } from 'node:net';
 import mqtt, { type MqttClient } from 'mqtt';
 import type mqttPacket from 'mqtt-packet';
 import { describe, expect, it } from 'vitest';
-import type { Config, ConfigInput } from '../../src/config/schema.js';
+import type { Config, ConfigInput } from '../../../src/config/schema.js';
 import {
   createConnectRateLimiter,
   createLoginBackoff,
   sourceKey,
   type ConnectRateConfig,
   type LoginBackoffConfig,
-} from '../../src/gateway/admission.js';
-import { createBroker, type Broker } from '../../src/gateway/broker.js';
+} from '../../../src/gateway/broker/admission.js';
+import { createBroker, type Broker } from '../../../src/gateway/broker/broker.js';
 import {
   createPasswordVerifier,
   hashPassword,
   type PasswordVerifier,
-} from '../../src/gateway/password-hash.js';
-import type { ActivityLog } from '../../src/store/activity-log.js';
-import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+} from '../../../src/gateway/broker/password-hash.js';
+import type { ActivityLog } from '../../../src/store/activity-log.js';
+import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
 import {
   PASSWORDS,
   openWorldStore,
   twoDeviceBrokerConfig,
   useBrokerTestWorld,
-} from '../helpers/broker-fixture.js';
-import { connectPacket, connectRaw, waitUntil } from '../helpers/raw-mqtt.js';
+} from '../../helpers/broker-fixture.js';
+import { connectPacket, connectRaw, waitUntil } from '../../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-admission';
 const world = useBrokerTestWorld('gw-admission-');

@@ -1,8 +1,8 @@
-import { ErrorCodes, errorMessage, toGatewayError } from '../errors.js';
-import type { Logger } from '../logger.js';
-import type { Provider } from '../providers/provider.js';
-import type { ActivityLog } from '../store/activity-log.js';
-import { createBackoff, type Backoff } from './backoff.js';
+import { ErrorCodes, errorMessage, toGatewayError } from '../../errors.js';
+import type { Logger } from '../../logger.js';
+import type { Provider } from '../../providers/provider.js';
+import type { ActivityLog } from '../../store/activity-log.js';
+import { createBackoff, type Backoff } from '../../common/backoff.js';
 
 export type SupervisorState = 'connecting' | 'connected' | 'backoff' | 'stopped';
 

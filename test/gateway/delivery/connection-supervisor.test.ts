@@ -5,18 +5,18 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { configSchema } from '../../src/config/schema.js';
-import { createBackoff } from '../../src/gateway/backoff.js';
+import { configSchema } from '../../../src/config/schema.js';
+import { createBackoff } from '../../../src/common/backoff.js';
 import {
   createConnectionSupervisor,
   type ConnectionSupervisor,
   type SupervisorState,
-} from '../../src/gateway/connection-supervisor.js';
-import { createMqttProvider } from '../../src/providers/mqtt/mqtt-provider.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
-import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
-import { startTcpProxy } from '../helpers/tcp-proxy.js';
+} from '../../../src/gateway/delivery/connection-supervisor.js';
+import { createMqttProvider } from '../../../src/providers/mqtt/mqtt-provider.js';
+import { createActivityLog, type ActivityLog } from '../../../src/store/activity-log.js';
+import { openStore, type Store } from '../../../src/store/database.js';
+import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
+import { startTcpProxy } from '../../helpers/tcp-proxy.js';
 
 interface Harness {
   dir: string;

@@ -1,5 +1,5 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { Config, DeviceConfig } from '../config/schema.js';
+import type { Config, DeviceConfig } from '../../config/schema.js';
 import { anonymousAcl, deviceAcl, sameAcl } from './acl.js';
 import { createLoginBackoff, type LoginLock } from './admission.js';
 import { createPasswordVerifier, type PasswordVerifier } from './password-hash.js';

@@ -3,14 +3,14 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, GatewayError } from '../../src/errors.js';
-import { createHttpServer, type HttpServer, type Readiness } from '../../src/gateway/http-server.js';
-import { createMetrics } from '../../src/gateway/metrics.js';
-import type { GatewayStatusSnapshot } from '../../src/gateway/status.js';
-import { createSilentLogger } from '../../src/logger.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
-import { buildSnapshot } from '../helpers/status-snapshot.js';
+import { ErrorCodes, GatewayError } from '../../../src/errors.js';
+import { createHttpServer, type HttpServer, type Readiness } from '../../../src/gateway/http/http-server.js';
+import { createMetrics } from '../../../src/gateway/http/metrics.js';
+import type { GatewayStatusSnapshot } from '../../../src/gateway/http/status.js';
+import { createSilentLogger } from '../../../src/logger.js';
+import { createActivityLog, type ActivityLog } from '../../../src/store/activity-log.js';
+import { openStore, type Store } from '../../../src/store/database.js';
+import { buildSnapshot } from '../../helpers/status-snapshot.js';
 
 const logger = createSilentLogger();
 

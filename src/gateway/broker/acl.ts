@@ -1,5 +1,5 @@
-import type { AclConfig, Config, DeviceConfig } from '../config/schema.js';
-import { matchTopic } from './topic-match.js';
+import type { AclConfig, Config, DeviceConfig } from '../../config/schema.js';
+import { matchTopic } from '../../common/topic-match.js';
 
 /**
  * Topic access for local clients. Pure functions over an effective ACL: allow lists for

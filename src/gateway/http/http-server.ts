@@ -1,14 +1,14 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { isIP, type AddressInfo } from 'node:net';
-import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
-import type { Logger } from '../logger.js';
+import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
+import type { Logger } from '../../logger.js';
 import {
   ACTIVITY_STATUSES,
   type ActivityFilter,
   type ActivityLog,
   type ActivityStatus,
-} from '../store/activity-log.js';
-import { parseDuration } from '../config/units.js';
+} from '../../store/activity-log.js';
+import { parseDuration } from '../../config/units.js';
 import { DASHBOARD_ASSETS } from './dashboard.js';
 import type { Metrics } from './metrics.js';
 import type { GatewayStatusSnapshot } from './status.js';

@@ -1,8 +1,8 @@
-import type { IntegrationConfig } from '../config/schema.js';
-import { errorMessage, isGatewayError } from '../errors.js';
-import type { Logger } from '../logger.js';
-import type { EnqueueTarget, IncomingMessage, Outbox } from '../store/outbox-types.js';
-import { matchTopic } from './topic-match.js';
+import type { IntegrationConfig } from '../../config/schema.js';
+import { errorMessage, isGatewayError } from '../../errors.js';
+import type { Logger } from '../../logger.js';
+import type { EnqueueTarget, IncomingMessage, Outbox } from '../../store/outbox-types.js';
+import { matchTopic } from '../../common/topic-match.js';
 
 export interface IngestOptions {
   outbox: Outbox;

@@ -4,20 +4,20 @@ import { createServer as createTcp, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, GatewayError } from '../../src/errors.js';
-import { createHttpServer, type HttpServer } from '../../src/gateway/http-server.js';
-import { createMetrics } from '../../src/gateway/metrics.js';
+import { ErrorCodes, GatewayError } from '../../../src/errors.js';
+import { createHttpServer, type HttpServer } from '../../../src/gateway/http/http-server.js';
+import { createMetrics } from '../../../src/gateway/http/metrics.js';
 import {
   daemonUrl,
   fetchStatus,
   formatStatus,
   humanBytes,
   humanDuration,
-} from '../../src/gateway/status-format.js';
-import { createSilentLogger } from '../../src/logger.js';
-import { createActivityLog } from '../../src/store/activity-log.js';
-import { openStore } from '../../src/store/database.js';
-import { buildIntegration, buildSnapshot } from '../helpers/status-snapshot.js';
+} from '../../../src/gateway/http/status-format.js';
+import { createSilentLogger } from '../../../src/logger.js';
+import { createActivityLog } from '../../../src/store/activity-log.js';
+import { openStore } from '../../../src/store/database.js';
+import { buildIntegration, buildSnapshot } from '../../helpers/status-snapshot.js';
 
 const logger = createSilentLogger();
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { createMetrics } from '../../src/gateway/metrics.js';
-import type { GatewayStatusSnapshot } from '../../src/gateway/status.js';
-import { buildIntegration, buildSnapshot } from '../helpers/status-snapshot.js';
+import { createMetrics } from '../../../src/gateway/http/metrics.js';
+import type { GatewayStatusSnapshot } from '../../../src/gateway/http/status.js';
+import { buildIntegration, buildSnapshot } from '../../helpers/status-snapshot.js';
 
 function value(text: string, series: string): number | undefined {
   const line = text.split('\n').find((l) => l.startsWith(series + ' '));

@@ -1,4 +1,4 @@
-import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
+import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { GatewayStatusSnapshot, IntegrationStatus } from './status.js';
 
 export interface FormatStatusOptions {

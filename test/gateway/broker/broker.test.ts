@@ -4,21 +4,21 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import type { Config, ConfigInput } from '../../src/config/schema.js';
-import { ErrorCodes, GatewayError } from '../../src/errors.js';
-import { createBroker, type Broker } from '../../src/gateway/broker.js';
-import { createLogger } from '../../src/logger.js';
-import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
-import { openStore, type Store } from '../../src/store/database.js';
-import type { IncomingMessage } from '../../src/store/outbox-types.js';
-import { createTestPki, type TestPki } from '../helpers/certs.js';
+import type { Config, ConfigInput } from '../../../src/config/schema.js';
+import { ErrorCodes, GatewayError } from '../../../src/errors.js';
+import { createBroker, type Broker } from '../../../src/gateway/broker/broker.js';
+import { createLogger } from '../../../src/logger.js';
+import { createActivityLog, type ActivityLog } from '../../../src/store/activity-log.js';
+import { openStore, type Store } from '../../../src/store/database.js';
+import type { IncomingMessage } from '../../../src/store/outbox-types.js';
+import { createTestPki, type TestPki } from '../../helpers/certs.js';
 import {
   PASSWORDS,
   hashDevicePasswords,
   twoDeviceBrokerConfig,
   type DeviceHashes,
-} from '../helpers/broker-fixture.js';
-import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../helpers/raw-mqtt.js';
+} from '../../helpers/broker-fixture.js';
+import { connectPacket, connectRaw, waitUntil, type RawMqtt } from '../../helpers/raw-mqtt.js';
 
 const GATEWAY_ID = 'gw-test';
 let hashes: DeviceHashes;
