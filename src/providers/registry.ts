@@ -1,4 +1,5 @@
 import { ErrorCodes, GatewayError } from '../errors.js';
+import { createAzureIotHubProvider } from './azure-iot-hub/azure-iot-hub.js';
 import { createMqttProvider } from './mqtt/mqtt-provider.js';
 import type { Provider, ProviderContext, ProviderFactory } from './provider.js';
 import type { AvailableType } from './settings.js';
@@ -11,6 +12,7 @@ export type { AvailableType };
  */
 export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   mqtt: createMqttProvider,
+  'azure-iot-hub': createAzureIotHubProvider,
 };
 
 export function createProvider(context: ProviderContext): Provider {

@@ -1,4 +1,5 @@
 import type { z } from 'zod';
+import { azureIotHubSettingsSchema } from './azure-iot-hub/settings.js';
 import { mqttSettingsSchema } from './mqtt/settings.js';
 
 /** Every provider type the config names (SPEC §3). */
@@ -11,6 +12,7 @@ export type ProviderType = (typeof PROVIDER_TYPES)[number];
  */
 const availableSettingsSchemas = {
   mqtt: mqttSettingsSchema,
+  'azure-iot-hub': azureIotHubSettingsSchema,
 } satisfies Partial<Record<ProviderType, z.ZodTypeAny>>;
 
 /** The types that have a settings schema; the provider registry must have a factory for each. */
