@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import { randomUUID } from 'node:crypto';
 import type { IPublishPacket } from 'mqtt';
@@ -458,6 +459,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     if (closed) return;
     const delay = park(state, 0);
     logger.warn({ deviceId: state.id, err: err.message, retryAfterMs: delay }, 'device_link_lost');
+    checkHub();
     report({
       activityType: 'device_link',
       direction: 'outgoing',
@@ -478,6 +480,22 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       });
     }, delay + 10);
     state.retryTimer.unref();
+  }
+
+  let hubCheck: Promise<void> | undefined;
+  /** After a lost link: is the hub still there? A hub outage closes every link at once. */
+  function checkHub(): void {
+    if (hubCheck || !connected) return;
+    hubCheck = probeHub(lifetime.signal)
+      .then(
+        () => undefined,
+        (err: unknown) => {
+          if (err instanceof GatewayError && err.details?.scope === 'hub') hubLost(err);
+        },
+      )
+      .finally(() => {
+        hubCheck = undefined;
+      });
   }
 
   /** Hub unreachable: every link closes and the supervisor reconnects (connect probes the hub). */
@@ -845,7 +863,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       const socket = tlsConnect({
         host: settings.address ?? settings.hostName,
         port: settings.port,
-        servername: settings.hostName,
+        ...(isIP(settings.hostName) ? {} : { servername: settings.hostName }),
         ...(readCa() ? { ca: readCa() } : {}),
         minVersion: 'TLSv1.2',
         timeout: settings.connectTimeout,

@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { connect, type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import {
@@ -91,7 +92,7 @@ export function openDeviceLink(options: DeviceLinkOptions): Promise<DeviceLink> 
     host: options.address ?? options.hostName,
     port: options.port,
     protocol: 'mqtts',
-    servername: options.hostName,
+    ...(isIP(options.hostName) ? {} : { servername: options.hostName }),
     rejectUnauthorized: true,
     ...(options.ca ? { ca: options.ca } : {}),
     ...(options.cert ? { cert: options.cert, key: options.key } : {}),

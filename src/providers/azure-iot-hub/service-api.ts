@@ -1,4 +1,5 @@
 import { request } from 'node:https';
+import { isIP } from 'node:net';
 import { randomUUID } from 'node:crypto';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import { createSasToken } from './sas.js';
@@ -60,7 +61,7 @@ export function createServiceApi(options: ServiceApiOptions): ServiceApi {
       const req = request(
         {
           host: options.address ?? options.hostName,
-          servername: options.hostName,
+          ...(isIP(options.hostName) ? {} : { servername: options.hostName }),
           port: options.port,
           path,
           method: 'POST',

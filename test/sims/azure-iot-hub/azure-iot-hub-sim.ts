@@ -609,6 +609,10 @@ export async function createAzureHubSim(options: AzureHubSimOptions): Promise<Az
     },
   );
   mqttServer.on('tlsClientError', () => {});
+  // An outage refuses at TCP level, before any TLS handshake, like a hub that is not there.
+  mqttServer.on('connection', (socket: import('node:net').Socket) => {
+    if (down) socket.destroy();
+  });
 
   // --- service REST API (§2.5): twin query with paging, GET twin ---
   function serviceAuth(req: IncomingMessage, right: PolicyRight): boolean {
