@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runAzureBench } from './azure.js';
 import { runLatencyBench } from './latency.js';
 import { createProcessGroup, pin, pinDescription } from './lib/process.js';
 import { readSettings } from './lib/settings.js';
@@ -102,13 +103,15 @@ async function main(): Promise<number> {
     ['rss', () => runRssBench(ctx, settings)],
     ['outage', () => runOutageBench(ctx, settings)],
     ['replication', () => runReplication(quiet)],
+    ['azure', () => runAzureBench(ctx, settings)],
   ];
+  /** Cloud benches run unless BENCH_ONLY is given and does not name them. */
+  const optIn = new Set(['replication', 'azure']);
   let failures = 0;
   try {
     for (const [name, bench] of benches) {
-      if (name !== 'replication' && !settings.only.has(name)) continue;
-      if (name === 'replication' && !settings.only.has('replication') && process.env.BENCH_ONLY !== undefined)
-        continue;
+      if (!optIn.has(name) && !settings.only.has(name)) continue;
+      if (optIn.has(name) && !settings.only.has(name) && process.env.BENCH_ONLY !== undefined) continue;
       console.error(`== ${name}`);
       // Replication runs in this process against PostgreSQL and psql: no system under test to
       // give a core to, so the replicator may use every CPU, like COPY does.

@@ -928,7 +928,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     async publish(message) {
       if (closed) throw closedError();
       if (!connected) throw notConnected(`not connected to ${endpoint}`);
-      const kind = classifyLocalTopic(message.topic, message.deviceId);
+      const kind = classifyLocalTopic(message.topic);
       if (kind.kind === 'other') {
         throw rejected(
           `the azure-iot-hub provider maps devices/{id}/telemetry, /state and /commands/{name}/response only, not ${message.topic}`,
@@ -936,7 +936,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
         );
       }
       if (message.payload.length > D2C_MAX_BYTES) throw tooLarge(message, D2C_MAX_BYTES);
-      const state = stateOf(message.deviceId);
+      const state = stateOf(kind.deviceId);
       state.lastUsed = Date.now();
       try {
         const link = await ensureLink(state);

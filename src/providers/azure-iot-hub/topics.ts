@@ -58,22 +58,28 @@ export function parseC2dTopic(topic: string, deviceId: string): PropertyBag | un
   return decodePropertyBag(topic.slice(prefix.length));
 }
 
-/** What a canonical local topic is, for the hub. */
+/** What a canonical local topic is, for the hub, and which device it speaks for. */
 export type LocalTopic =
-  | { kind: 'telemetry'; stream: string | undefined }
-  | { kind: 'state' }
-  | { kind: 'command-response'; name: string }
+  | { kind: 'telemetry'; deviceId: string; stream: string | undefined }
+  | { kind: 'state'; deviceId: string }
+  | { kind: 'command-response'; deviceId: string; name: string }
   | { kind: 'other' };
 
-export function classifyLocalTopic(topic: string, deviceId: string): LocalTopic {
-  const prefix = `devices/${deviceId}/`;
-  if (!topic.startsWith(prefix)) return { kind: 'other' };
-  const rest = topic.slice(prefix.length);
-  if (rest === 'telemetry') return { kind: 'telemetry', stream: undefined };
-  if (rest.startsWith('telemetry/')) return { kind: 'telemetry', stream: rest.slice('telemetry/'.length) };
-  if (rest === 'state') return { kind: 'state' };
-  const m = /^commands\/([^/]+)\/response$/.exec(rest);
-  if (m) return { kind: 'command-response', name: m[1]! };
+/**
+ * The device id comes from the topic (`devices/{id}/…`, SPEC §4): it names the hub identity,
+ * whichever local client published it (the ACL decided that it may).
+ */
+export function classifyLocalTopic(topic: string): LocalTopic {
+  const m = /^devices\/([^/]+)\/(.+)$/.exec(topic);
+  if (!m) return { kind: 'other' };
+  const deviceId = m[1]!;
+  const rest = m[2]!;
+  if (rest === 'telemetry') return { kind: 'telemetry', deviceId, stream: undefined };
+  if (rest.startsWith('telemetry/'))
+    return { kind: 'telemetry', deviceId, stream: rest.slice('telemetry/'.length) };
+  if (rest === 'state') return { kind: 'state', deviceId };
+  const c = /^commands\/([^/]+)\/response$/.exec(rest);
+  if (c) return { kind: 'command-response', deviceId, name: c[1]! };
   return { kind: 'other' };
 }
 

@@ -77,19 +77,25 @@ describe('topics (§2.3)', () => {
     expect(reportedPatchTopic('r 1')).toBe('$iothub/twin/PATCH/properties/reported/?$rid=r%201');
   });
 
-  it('classifies the canonical local topics', () => {
-    expect(classifyLocalTopic('devices/d/telemetry', 'd')).toEqual({ kind: 'telemetry', stream: undefined });
-    expect(classifyLocalTopic('devices/d/telemetry/temp/x', 'd')).toEqual({
+  it('classifies the canonical local topics and takes the device id from them', () => {
+    expect(classifyLocalTopic('devices/d/telemetry')).toEqual({
       kind: 'telemetry',
+      deviceId: 'd',
+      stream: undefined,
+    });
+    expect(classifyLocalTopic('devices/d/telemetry/temp/x')).toEqual({
+      kind: 'telemetry',
+      deviceId: 'd',
       stream: 'temp/x',
     });
-    expect(classifyLocalTopic('devices/d/state', 'd')).toEqual({ kind: 'state' });
-    expect(classifyLocalTopic('devices/d/commands/reboot/response', 'd')).toEqual({
+    expect(classifyLocalTopic('devices/e/state')).toEqual({ kind: 'state', deviceId: 'e' });
+    expect(classifyLocalTopic('devices/d/commands/reboot/response')).toEqual({
       kind: 'command-response',
+      deviceId: 'd',
       name: 'reboot',
     });
-    expect(classifyLocalTopic('devices/d/other', 'd')).toEqual({ kind: 'other' });
-    expect(classifyLocalTopic('devices/e/state', 'd')).toEqual({ kind: 'other' });
+    expect(classifyLocalTopic('devices/d/other')).toEqual({ kind: 'other' });
+    expect(classifyLocalTopic('gateway/g/status')).toEqual({ kind: 'other' });
   });
 });
 
