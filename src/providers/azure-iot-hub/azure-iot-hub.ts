@@ -47,6 +47,11 @@ const SWEEP_MS = 250;
 const MIN_PARK_MS = 500;
 /** A device refused as not authorized waits at least this long before its link is tried again. */
 const AUTH_PARK_MS = 30_000;
+/**
+ * Links in the middle of opening at once: TLS handshakes cost CPU on both ends, and a storm of
+ * them (a thousand devices after a restart) makes every CONNACK late.
+ */
+const MAX_OPENING = 16;
 /** C2D request ids remembered per device, so a device's reply to a C2D message is not an error. */
 const C2D_REMEMBERED = 64;
 
@@ -332,12 +337,28 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     void closeLink(victim, notConnected(`the link of device ${victim.id} made room for another device`));
   }
 
+  let opening = 0;
+  const openSlots: (() => void)[] = [];
+
+  /** Waits for an opening slot (MAX_OPENING) and a connect token (connectsPerSecond). */
   async function pace(): Promise<void> {
-    for (let i = 0; i < 10_000; i++) {
-      const wait = connectPacer.take();
-      if (wait === 0) return;
-      await sleep(wait, lifetime.signal);
+    if (opening >= MAX_OPENING) await new Promise<void>((resolve) => openSlots.push(resolve));
+    opening++;
+    try {
+      for (let i = 0; i < 10_000; i++) {
+        const wait = connectPacer.take();
+        if (wait === 0) return;
+        await sleep(wait, lifetime.signal);
+      }
+    } catch (err) {
+      releaseSlot();
+      throw err;
     }
+  }
+
+  function releaseSlot(): void {
+    opening--;
+    openSlots.shift()?.();
   }
 
   function parkedError(state: DeviceState): GatewayError {
@@ -397,6 +418,8 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
         state,
         err instanceof GatewayError ? err : classifyConnectError(err as Error, endpoint, state.id),
       );
+    } finally {
+      releaseSlot();
     }
     if (closed) {
       await link.end(closedError());

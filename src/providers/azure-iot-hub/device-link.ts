@@ -112,7 +112,7 @@ export function openDeviceLink(options: DeviceLinkOptions): Promise<DeviceLink> 
           new GatewayError(
             ErrorCodes.PROVIDER_TIMEOUT,
             `no CONNACK from ${endpoint} within ${options.connectTimeoutMs} ms`,
-            { retryable: true, details: { deviceId } },
+            { retryable: true, details: { deviceId, scope: 'device' } },
           ),
         ),
       options.connectTimeoutMs + 1000,
@@ -375,6 +375,18 @@ export function classifyConnectError(
         retryable: false,
         cause: err,
         details: { deviceId, connackCode: code, scope: 'device' },
+      },
+    );
+  }
+  if (/connack timeout/i.test(err.message)) {
+    // TLS and CONNECT got through, the answer is late: a busy hub, not a missing one.
+    return new GatewayError(
+      ErrorCodes.PROVIDER_TIMEOUT,
+      `no CONNACK from ${endpoint} for device ${deviceId} in time`,
+      {
+        retryable: true,
+        cause: err,
+        details: { deviceId, scope: 'device' },
       },
     );
   }
