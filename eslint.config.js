@@ -1,6 +1,16 @@
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
+const SQL_PARAMETERS = {
+  selector:
+    'CallExpression[callee.property.name=/^(prepare|query|exec)$/] > TemplateLiteral[expressions.length>0]',
+  message: 'SQL must use parameters, not template literals (identifiers only from constants).',
+};
+const ERROR_CODE_LITERAL = {
+  selector: 'Literal[value=/^GW_ERR_/]',
+  message: 'Use the ErrorCodes catalogue (src/errors.ts), not a GW_ERR_ string.',
+};
+
 // Imports point down (docs/architecture.md): gateway → providers → store → config/common.
 // Each entry names what one layer may not import; a layer's restrictions are listed once.
 const UP = {
@@ -42,15 +52,13 @@ export default tseslint.config(
   {
     rules: {
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
-      'no-restricted-syntax': [
-        'error',
-        {
-          selector:
-            'CallExpression[callee.property.name=/^(prepare|query|exec)$/] > TemplateLiteral[expressions.length>0]',
-          message: 'SQL must use parameters, not template literals (identifiers only from constants).',
-        },
-      ],
+      'no-restricted-syntax': ['error', SQL_PARAMETERS],
     },
+  },
+  {
+    files: ['src/**'],
+    ignores: ['src/errors.ts'],
+    rules: { 'no-restricted-syntax': ['error', SQL_PARAMETERS, ERROR_CODE_LITERAL] },
   },
   ...Object.entries(layers).map(([files, patterns]) => ({
     files: [files],

@@ -2,58 +2,17 @@ import cron from 'node-cron';
 import { z } from 'zod';
 import { providerSettingsSchemas, PROVIDER_TYPES } from '../providers/settings.js';
 import { topicFilterProblem } from './topic-filter.js';
-import { parseDuration, parseRate, parseSize } from './units.js';
+import { durationSchema, rateSchema, sizeSchema } from './units.js';
 
 /**
  * The configuration schema (SPEC §3). Validated once, then frozen. Durations come out as
  * milliseconds, sizes as bytes, rates as messages per second. Unknown keys are errors.
  */
 
-const duration = (fallback?: string) => {
-  const base = z.union([z.string(), z.number()]).transform((v, ctx) => {
-    const ms = parseDuration(v);
-    if (ms === undefined) {
-      ctx.addIssue({
-        code: z.ZodIssueCode.custom,
-        message: `"${v}" is not a duration; write e.g. 500ms, 30s, 5m, 7d`,
-      });
-      return z.NEVER;
-    }
-    return ms;
-  });
-  return fallback === undefined ? base : base.default(fallback);
-};
-
-const size = (fallback: string) =>
-  z
-    .union([z.string(), z.number()])
-    .transform((v, ctx) => {
-      const bytes = parseSize(v);
-      if (bytes === undefined) {
-        ctx.addIssue({
-          code: z.ZodIssueCode.custom,
-          message: `"${v}" is not a size; write e.g. 256KB, 512MB, 1GB`,
-        });
-        return z.NEVER;
-      }
-      return bytes;
-    })
-    .default(fallback);
-
-const rate = z
-  .union([z.string(), z.number()])
-  .transform((v, ctx) => {
-    const perSecond = parseRate(v);
-    if (perSecond === undefined) {
-      ctx.addIssue({
-        code: z.ZodIssueCode.custom,
-        message: `"${v}" is not a rate; write e.g. 100/s or 6000/m (0 = unlimited)`,
-      });
-      return z.NEVER;
-    }
-    return perSecond;
-  })
-  .default(0);
+const duration = (fallback?: string) =>
+  fallback === undefined ? durationSchema() : durationSchema().default(fallback);
+const size = (fallback: string) => sizeSchema().default(fallback);
+const rate = rateSchema().default(0);
 
 const cronExpr = z.string().refine(
   (v) => cron.validate(v),
@@ -200,6 +159,9 @@ export const configSchema = z
         maxConnections: z.number().int().positive().default(10_000),
         connectTimeout: duration('10s'),
         keepaliveLimit: duration('20m'),
+        // Keepalive 0 (no keepalive, allowed by MQTT 3.1.1) is accepted unless a site refuses it;
+        // idle sockets are reaped by connectTimeout, maxConnections and TCP keepalive meanwhile.
+        allowKeepaliveZero: z.boolean().default(true),
         // Token buckets checked when a socket is accepted, before TLS or MQTT (S13, R15).
         connectRate: z
           .object({
@@ -375,7 +337,6 @@ export const RESTART_REQUIRED_KEYS = [
   'broker.maxPacketSize',
   'broker.maxConnections',
   'broker.connectTimeout',
-  'broker.keepaliveLimit',
   'http',
   'features',
 ] as const;

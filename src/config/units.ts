@@ -1,4 +1,10 @@
-/** Parsers for the human units the config file accepts: durations, sizes and rates. */
+import { z } from 'zod';
+
+/**
+ * Parsers for the human units the config file accepts (durations, sizes and rates), and the zod
+ * schemas every settings schema uses for them: durations come out as ms, sizes as bytes, rates
+ * as messages per second.
+ */
 
 const DURATION_UNITS: Record<string, number> = {
   ms: 1,
@@ -52,3 +58,24 @@ export function formatDuration(ms: number): string {
   if (ms < 86_400_000) return `${Math.round(ms / 3_600_000)}h`;
   return `${Math.round(ms / 86_400_000)}d`;
 }
+
+/** A value in a human unit, parsed by `parse`; a value it refuses is an issue saying how to write it. */
+const unitSchema = (parse: (input: string | number) => number | undefined, what: string, examples: string) =>
+  z.union([z.string(), z.number()]).transform((v, ctx) => {
+    const value = parse(v);
+    if (value === undefined) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        message: `"${v}" is not a ${what}; write e.g. ${examples}`,
+      });
+      return z.NEVER;
+    }
+    return value;
+  });
+
+/** A duration in ms: `500ms`, `30s`, `5m`, `7d` or a bare number of ms. */
+export const durationSchema = () => unitSchema(parseDuration, 'duration', '500ms, 30s, 5m, 7d');
+/** A size in bytes: `256KB`, `512MB`, `1GB` or a bare number of bytes. */
+export const sizeSchema = () => unitSchema(parseSize, 'size', '256KB, 512MB, 1GB');
+/** A rate in messages per second: `100/s`, `6000/m`; 0 = unlimited. */
+export const rateSchema = () => unitSchema(parseRate, 'rate', '100/s or 6000/m (0 = unlimited)');

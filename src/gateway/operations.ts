@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { IntegrationConfig } from '../config/schema.js';
-import { errorMessage, isGatewayError } from '../errors.js';
+import { ErrorCodes, errorMessage, isGatewayError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { ConnectionTestResult, Provider, SyncResult } from '../providers/provider.js';
 import type { ActivityLog, SyncType } from '../store/activity-log.js';
@@ -44,7 +44,10 @@ export async function runConnectionTest(
       ok: false,
       latencyMs: now() - started,
       details: {},
-      error: { code: isGatewayError(err) ? err.code : 'GW_ERR_PROVIDER_CONNECT', message: errorMessage(err) },
+      error: {
+        code: isGatewayError(err) ? err.code : ErrorCodes.PROVIDER_CONNECT,
+        message: errorMessage(err),
+      },
     };
   }
   ctx.activity.record({
@@ -84,7 +87,10 @@ export async function runSync(ctx: OperationContext, direction: SyncDirection): 
           ? await ctx.provider.export(ctx.signal)
           : await ctx.provider.bidirectionalSync(ctx.signal);
   } catch (err) {
-    error = { code: isGatewayError(err) ? err.code : 'GW_ERR_PROVIDER_CONNECT', message: errorMessage(err) };
+    error = {
+      code: isGatewayError(err) ? err.code : ErrorCodes.PROVIDER_CONNECT,
+      message: errorMessage(err),
+    };
   }
   const completedAt = now();
   const status = error ? 'failed' : result.recordsFailed > 0 ? 'error' : 'success';

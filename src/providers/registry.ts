@@ -6,6 +6,9 @@ import type { AvailableType } from './settings.js';
 
 export type { AvailableType };
 
+/** Provider factories keyed by integration type; the gateway takes one (tests inject fakes). */
+export type ProviderFactories = Readonly<Partial<Record<string, ProviderFactory>>>;
+
 /**
  * One factory per available type. A plain typed record: adding a settings schema without a
  * factory here (or the reverse) fails to compile.
@@ -15,13 +18,16 @@ export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   'azure-iot-hub': createAzureIotHubProvider,
 };
 
-export function createProvider(context: ProviderContext): Provider {
+export function createProvider(
+  context: ProviderContext,
+  factories: ProviderFactories = providerRegistry,
+): Provider {
   const type = context.integration.type;
-  const factory = (providerRegistry as Partial<Record<string, ProviderFactory>>)[type];
+  const factory = factories[type];
   if (factory === undefined) {
     throw new GatewayError(
       ErrorCodes.PROVIDER_UNSUPPORTED,
-      `the ${type} provider is not available in this release; available: ${Object.keys(providerRegistry).join(', ')}`,
+      `the ${type} provider is not available in this release; available: ${Object.keys(factories).join(', ')}`,
       { retryable: false, details: { type } },
     );
   }

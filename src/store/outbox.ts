@@ -1,6 +1,7 @@
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { createRecentRows, type CachedRow } from './recent-rows.js';
+import { createFloodReporter } from '../common/flood-reporter.js';
 import type { OutboundMessage } from '../common/outbound-message.js';
 import type { ActivityLog } from './activity-log.js';
 import type { SqliteDatabase, Statement } from './database.js';
@@ -54,12 +55,17 @@ interface QueueCounters {
 type DropKind = 'dropped' | 'rejected';
 type DropReason = 'max-messages' | 'max-bytes' | 'too-large';
 
-/** Drops and rejects of one queue not yet logged, so a flood gives one line per second. */
-interface PendingReport {
-  count: number;
-  reasons: Map<DropReason, number>;
-  lastReportAt: number;
-  timer: NodeJS.Timeout | undefined;
+interface DropEvent {
+  kind: DropKind;
+  integrationId: string;
+  reason: DropReason;
+}
+
+/** Drops or refusals of one queue not yet logged, so a flood gives one line per second. */
+interface DropReport {
+  kind: DropKind;
+  integrationId: string;
+  reasons: Set<DropReason>;
 }
 
 /** A batch committed with synchronous=NORMAL whose promises wait for a WAL sync. */
@@ -216,7 +222,16 @@ export function createOutbox(options: OutboxOptions): Outbox {
   const onSyncIdle: (() => void)[] = [];
   let closed = false;
   const listeners = new Set<(integrationIds: ReadonlySet<string>) => void>();
-  const pendingReports = new Map<string, PendingReport>();
+  const drops = createFloodReporter<DropEvent, DropReport>({
+    windowMs: REPORT_INTERVAL_MS,
+    now,
+    fold(summary, { kind, integrationId, reason }) {
+      const next = summary ?? { kind, integrationId, reasons: new Set<DropReason>() };
+      next.reasons.add(reason);
+      return next;
+    },
+    report: (_key, summary, count) => report(summary, count),
+  });
 
   /**
    * Runs inside the transaction. Counter changes go to drafts that are applied only after
@@ -513,40 +528,11 @@ export function createOutbox(options: OutboxOptions): Outbox {
   }
 
   function noteDrop(kind: DropKind, integrationId: string, reason: DropReason, n: number): void {
-    if (n === 0) return;
-    const key = `${kind}\u0000${integrationId}`;
-    let pending = pendingReports.get(key);
-    if (pending === undefined) {
-      pending = { count: 0, reasons: new Map(), lastReportAt: -Infinity, timer: undefined };
-      pendingReports.set(key, pending);
-    }
-    pending.count += n;
-    pending.reasons.set(reason, (pending.reasons.get(reason) ?? 0) + n);
-    const sinceLast = now() - pending.lastReportAt;
-    if (sinceLast >= REPORT_INTERVAL_MS) {
-      report(kind, integrationId, pending);
-    } else if (pending.timer === undefined) {
-      const delay = Math.min(Math.max(REPORT_INTERVAL_MS - sinceLast, 0), REPORT_INTERVAL_MS);
-      const p = pending;
-      p.timer = setTimeout(() => {
-        p.timer = undefined;
-        report(kind, integrationId, p);
-      }, delay);
-      p.timer.unref();
-    }
+    drops.note(`${kind}\u0000${integrationId}`, { kind, integrationId, reason }, n);
   }
 
-  function report(kind: DropKind, integrationId: string, pending: PendingReport): void {
-    if (pending.timer !== undefined) {
-      clearTimeout(pending.timer);
-      pending.timer = undefined;
-    }
-    pending.lastReportAt = now();
-    if (pending.count === 0) return;
-    const count = pending.count;
-    const reason = [...pending.reasons.keys()].join(',');
-    pending.count = 0;
-    pending.reasons.clear();
+  function report({ kind, integrationId, reasons }: DropReport, count: number): void {
+    const reason = [...reasons].join(',');
     const c = countersOf(integrationId);
     const activityType = kind === 'dropped' ? 'queue_dropped' : 'queue_rejected';
     logger.warn(
@@ -793,10 +779,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
       if (!closed) {
         closed = true;
         flushNow(true);
-        for (const [key, pending] of pendingReports) {
-          const [kind, integrationId] = key.split('\u0000') as [DropKind, string];
-          report(kind, integrationId, pending);
-        }
+        drops.flush();
       }
       // The last batches' PUBACKs wait for their sync; the store closes after it.
       if (!syncing) return Promise.resolve();

@@ -1,4 +1,5 @@
 import pg from 'pg';
+import { createBackoff } from '../common/backoff.js';
 import type { CentralConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -151,7 +152,12 @@ const VERIFY_SESSION = `
 export function createReplicator(options: ReplicatorOptions): Replicator {
   const { db, central, organizationId, logger, activity } = options;
   const now = options.now ?? Date.now;
-  const random = options.random ?? Math.random;
+  const backoff = createBackoff({
+    baseMs: central.interval,
+    maxMs: MAX_BACKOFF_MS,
+    jitter: 'equal',
+    random: options.random ?? Math.random,
+  });
   const log = logger;
 
   const pool = new pg.Pool({
@@ -625,8 +631,7 @@ export function createReplicator(options: ReplicatorOptions): Replicator {
         },
         () => {
           failures++;
-          const cap = Math.min(MAX_BACKOFF_MS, central.interval * 2 ** Math.min(failures - 1, 20));
-          const delay = Math.round(cap / 2 + (random() * cap) / 2);
+          const delay = backoff.delay(failures - 1);
           log.debug({ failures, retryInMs: delay }, 'replication_backoff');
           schedule(delay);
         },

@@ -79,12 +79,14 @@ export function canReceive(acl: EffectiveAcl, topic: string): boolean {
 
 /**
  * May a client subscribe to `filter`? Only when every topic the filter can match lies within
- * one allowed filter and none of them is denied — so `devices/a/#` allows `devices/a/x/+` but
- * not `devices/+/telemetry` or `#`.
+ * one allowed filter — so `devices/a/#` allows `devices/a/x/+` but not `devices/+/telemetry` or
+ * `#` — and not every one of them is denied. A filter that only reaches into a denied part (`#`
+ * beside a denied `secret/#`) is granted: canReceive drops each denied message at delivery, as
+ * a client of an open ACL with one denied topic expects to subscribe to `#` and `+/+`.
  */
 export function canSubscribe(acl: EffectiveAcl, filter: string): boolean {
   if (filter.length === 0 || isReserved(filter) || !isValidFilter(filter)) return false;
-  if (acl.deny.some((d) => filtersIntersect(d, filter))) return false;
+  if (acl.deny.some((d) => filterCovers(d, filter))) return false;
   return acl.subscribe.some((allowed) => filterCovers(allowed, filter));
 }
 

@@ -1,4 +1,6 @@
 import { isIPv4, isIPv6 } from 'node:net';
+import { exponentialCeiling } from '../../common/backoff.js';
+import { refillTokens, type TokenBucket } from '../../common/rate-limiter.js';
 
 /**
  * Admission control for the embedded broker (S2, S13, R15): how fast sockets are accepted, per
@@ -87,24 +89,12 @@ export interface ConnectRateOptions {
   now?: () => number;
 }
 
-interface Bucket {
-  tokens: number;
-  at: number;
-}
-
 export function createConnectRateLimiter(options: ConnectRateOptions): ConnectRateLimiter {
   const now = options.now ?? (() => performance.now());
   const maxSources = Math.max(1, options.maxSources ?? DEFAULT_MAX_ENTRIES);
   let config = options.config;
-  const buckets = new Map<string, Bucket>();
-  const global: Bucket = { tokens: config.totalBurst, at: now() };
-
-  const refill = (bucket: Bucket, rate: number, burst: number, t: number): void => {
-    // A clock that steps back (an injected one) earns nothing rather than going negative.
-    const elapsed = Math.max(0, t - bucket.at);
-    bucket.tokens = Math.min(burst, bucket.tokens + (elapsed * rate) / 1000);
-    bucket.at = t;
-  };
+  const buckets = new Map<string, TokenBucket>();
+  const global: TokenBucket = { tokens: config.totalBurst, at: now() };
 
   return {
     get sources() {
@@ -112,7 +102,7 @@ export function createConnectRateLimiter(options: ConnectRateOptions): ConnectRa
     },
     admit(remoteAddress) {
       const t = now();
-      let source: Bucket | undefined;
+      let source: TokenBucket | undefined;
       if (config.perIp > 0 && remoteAddress !== null) {
         const key = sourceKey(remoteAddress);
         source = buckets.get(key);
@@ -121,13 +111,13 @@ export function createConnectRateLimiter(options: ConnectRateOptions): ConnectRa
           // a flood of fresh addresses is the global bucket's business.
           if (buckets.size >= maxSources) buckets.delete(buckets.keys().next().value!);
           source = { tokens: config.perIpBurst, at: t };
-        } else refill(source, config.perIp, config.perIpBurst, t);
+        } else refillTokens(source, config.perIp, config.perIpBurst, t);
         touch(buckets, key, source);
         // Refused here, the socket does not drain the global bucket that other sources share.
         if (source.tokens < 1) return 'connect_rate_ip';
       }
       if (config.total > 0) {
-        refill(global, config.total, config.totalBurst, t);
+        refillTokens(global, config.total, config.totalBurst, t);
         if (global.tokens < 1) return 'connect_rate_total';
         global.tokens -= 1;
       }
@@ -257,7 +247,7 @@ function createFailureTable(
       touch(entries, key, entry);
       if (entry.score < n) return 0;
       const { initial, max } = config();
-      const lockMs = Math.min(max, initial * 2 ** entry.level);
+      const lockMs = exponentialCeiling(initial, max, entry.level);
       entry.lockedUntil = t + lockMs;
       entry.level = Math.min(MAX_LEVEL, entry.level + 1);
       return lockMs;

@@ -5,6 +5,7 @@ import type { Duplex } from 'node:stream';
 import type { Config } from '../../config/schema.js';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
+import { createFloodReporter, latestEvent } from '../../common/flood-reporter.js';
 import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
 import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
@@ -21,6 +22,7 @@ import {
   createDeviceAuthenticator,
   revocationReason,
   type AuthFailureReason,
+  type ConnackRefusal,
   type Identity,
 } from './device-auth.js';
 import {
@@ -129,6 +131,26 @@ interface ConnectFields {
   clientId: string;
   clean: boolean;
   willTopic: string | null;
+  /** Seconds; 0 = no keepalive. */
+  keepalive: number;
+}
+
+/**
+ * Where a publish to a `$` topic goes once acknowledged: a `$` name that no client may subscribe
+ * to (canSubscribe refuses every `$` filter) and that no aedes-internal `$SYS/+/…` handler matches.
+ */
+const DISCARDED_TOPIC = '$gateway-discarded';
+
+/**
+ * The CONNACK refusal for a CONNECT whose keepalive this gateway will not serve, or null. MQTT
+ * 3.1.1 has no return code for it (aedes' 6 is not one); Mosquitto answers 2 for a 3.1.1 client.
+ */
+export function keepaliveRefusal(
+  keepaliveSeconds: number,
+  config: Pick<Config['broker'], 'keepaliveLimit' | 'allowKeepaliveZero'>,
+): 'keepalive_zero' | 'keepalive_too_long' | null {
+  if (keepaliveSeconds === 0) return config.allowKeepaliveZero ? null : 'keepalive_zero';
+  return keepaliveSeconds * 1000 > config.keepaliveLimit ? 'keepalive_too_long' : null;
 }
 
 const DRAIN_TIMEOUT_MS = 30_000;
@@ -206,7 +228,8 @@ export function createBroker(options: BrokerOptions): Broker {
     return acl;
   };
 
-  const refuse = (returnCode: number, message: string): Error & { returnCode: number } =>
+  /** A CONNACK refusal: aedes sends `returnCode`, which must be one MQTT 3.1.1 defines (2–5). */
+  const refuse = (returnCode: ConnackRefusal, message: string): Error & { returnCode: number } =>
     Object.assign(new Error(message), { returnCode });
 
   const recordAuthFailure = (
@@ -219,7 +242,7 @@ export function createBroker(options: BrokerOptions): Broker {
       'auth_failed',
       remoteAddress,
       { clientId, remoteAddress, reason },
-      'GW_ERR_AUTH_FAILED',
+      ErrorCodes.AUTH_FAILED,
       `connection refused: ${reason}`,
     );
   };
@@ -227,7 +250,9 @@ export function createBroker(options: BrokerOptions): Broker {
   const aedes = new Aedes({
     id: gatewayId,
     connectTimeout: config.connectTimeout,
-    keepaliveLimit: Math.floor(config.keepaliveLimit / 1000),
+    // aedes would answer keepalive 0 and keepalives over its limit with CONNACK 6, which MQTT
+    // 3.1.1 does not define; authenticate checks them against the live config instead.
+    keepaliveLimit: 0,
     maxTopicLevels: 100,
     drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
@@ -237,6 +262,7 @@ export function createBroker(options: BrokerOptions): Broker {
         clientId: typeof packet.clientId === 'string' ? packet.clientId : '',
         clean: packet.clean !== false,
         willTopic: packet.will ? String(packet.will.topic) : null,
+        keepalive: typeof packet.keepalive === 'number' ? packet.keepalive : 0,
       });
       callback(null, true);
     },
@@ -254,6 +280,21 @@ export function createBroker(options: BrokerOptions): Broker {
         certIdentity: info?.certIdentity ?? null,
         remoteAddress,
       };
+      // Checked before the password, so a refused keepalive costs no scrypt.
+      const keepaliveProblem = keepaliveRefusal(fields?.keepalive ?? 0, config);
+      if (keepaliveProblem !== null) {
+        throttle.note(
+          'connection_rejected',
+          remoteAddress,
+          { clientId, remoteAddress, reason: keepaliveProblem, keepalive: fields?.keepalive ?? 0 },
+          null,
+          keepaliveProblem === 'keepalive_zero'
+            ? 'keepalive 0 refused (broker.allowKeepaliveZero is false)'
+            : `keepalive over broker.keepaliveLimit (${config.keepaliveLimit} ms)`,
+        );
+        done(refuse(2, keepaliveProblem) as never, false);
+        return;
+      }
       auth
         .authenticate(attempt)
         .then((result) => {
@@ -304,10 +345,27 @@ export function createBroker(options: BrokerOptions): Broker {
       };
       try {
         const topic = packet.topic;
-        // Keeps aedes' own `$SYS/` guard (aedes #597) and closes every other `$` topic too.
+        // `$` topics are the server's (MQTT 4.7.2). A client's publish there is acknowledged as its
+        // QoS requires and discarded, as Mosquitto does: MQTT 3.1.1 allows that or a close
+        // (MQTT-3.3.5-2). It goes through aedes under a name nothing receives and not retained,
+        // so neither aedes' own `$SYS/+/new/clients` takeover (aedes #597) nor a subscriber sees it.
         if (topic.startsWith('$')) {
-          logger.warn({ clientId: client?.id ?? null, topic }, 'publish_denied');
-          return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+          if (client === null) {
+            return done(new GatewayError(ErrorCodes.ACL_DENIED, `publishing to ${topic} is not allowed`));
+          }
+          const remoteAddress = sessions.get(client)?.remoteAddress ?? null;
+          logger.warn({ clientId: client.id, topic }, 'publish_discarded');
+          throttle.note(
+            'acl_denied',
+            remoteAddress,
+            { clientId: client.id, remoteAddress, topic },
+            ErrorCodes.ACL_DENIED,
+            'publish to a reserved $ topic acknowledged and discarded',
+          );
+          packet.topic = DISCARDED_TOPIC;
+          packet.retain = false;
+          packet.payload = Buffer.alloc(0);
+          return done(null);
         }
         // A will published after its client is gone arrives without a client (aedes _clearWills).
         const willOwner = (packet as { clientId?: unknown }).clientId;
@@ -725,65 +783,28 @@ interface ActivityThrottle {
  * flood: at most one row per second per type and remote address, carrying how many it stands for.
  */
 function createActivityThrottle(activity: ActivityLog, logger: Logger, windowMs: number): ActivityThrottle {
-  interface Slot {
-    lastAt: number;
-    pending: number;
-    timer: NodeJS.Timeout | null;
-    row: ActivityEntry | null;
-  }
-  const slots = new Map<string, Slot>();
-  const MAX_SLOTS = 10_000;
-
-  const write = (row: ActivityEntry, count: number) => {
-    const entry = { ...row, metadata: { ...row.metadata, count } };
-    logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
-    activity.record(entry);
-  };
-
-  const flushSlot = (slot: Slot) => {
-    if (slot.timer) clearTimeout(slot.timer);
-    slot.timer = null;
-    if (slot.pending > 0 && slot.row) write(slot.row, slot.pending);
-    slot.pending = 0;
-    slot.lastAt = Date.now();
-  };
-
-  const sweep = (now: number) => {
-    for (const [key, slot] of slots)
-      if (slot.timer === null && now - slot.lastAt >= windowMs) slots.delete(key);
-  };
-
+  const flood = createFloodReporter<ActivityEntry>({
+    windowMs,
+    fold: latestEvent,
+    overflowKey: (_key, row) => `${row.activityType}|*`,
+    report(_key, row, count) {
+      const entry = { ...row, metadata: { ...row.metadata, count } };
+      logger.warn({ activityType: entry.activityType, ...entry.metadata }, entry.activityType);
+      activity.record(entry);
+    },
+  });
   return {
     note(activityType, remoteAddress, metadata, errorCode, errorMessage) {
-      const now = Date.now();
-      if (slots.size >= MAX_SLOTS) sweep(now);
-      // Past the cap (a spoofed-address storm), everything shares one slot per type.
-      const key = slots.size >= MAX_SLOTS ? `${activityType}|*` : `${activityType}|${remoteAddress ?? ''}`;
-      const row: ActivityEntry = {
+      flood.note(`${activityType}|${remoteAddress ?? ''}`, {
         activityType,
         direction: 'incoming',
         status: 'failed',
         errorCode,
         errorMessage,
         metadata,
-      };
-      const slot = slots.get(key);
-      if (!slot || (slot.timer === null && now - slot.lastAt >= windowMs)) {
-        slots.set(key, { lastAt: now, pending: 0, timer: null, row: null });
-        write(row, 1);
-        return;
-      }
-      slot.pending++;
-      slot.row = row;
-      if (slot.timer === null) {
-        slot.timer = setTimeout(() => flushSlot(slot), Math.max(0, slot.lastAt + windowMs - now));
-        slot.timer.unref();
-      }
+      });
     },
-    flush() {
-      for (const slot of slots.values()) flushSlot(slot);
-      slots.clear();
-    },
+    flush: () => flood.flush(),
   };
 }
 

@@ -75,6 +75,9 @@ interface Started {
   refresh?: () => void;
 }
 
+/** Idle time before the kernel starts TCP keepalive probes on an accepted socket. */
+export const TCP_KEEPALIVE_IDLE_MS = 60_000;
+
 export function createListeners(options: ListenersOptions): Listeners {
   const { logger } = options;
   const sockets = new Set<Socket>();
@@ -99,6 +102,8 @@ export function createListeners(options: ListenersOptions): Listeners {
       return false;
     }
     socket.setNoDelay(true);
+    // A client with keepalive 0 (or a peer that vanished) is found by TCP probes instead.
+    socket.setKeepAlive(true, TCP_KEEPALIVE_IDLE_MS);
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
     return true;

@@ -2,6 +2,7 @@ import type { IntegrationConfig } from '../../config/schema.js';
 import { errorMessage, isGatewayError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import type { EnqueueTarget, IncomingMessage, Outbox } from '../../store/outbox-types.js';
+import { createFloodReporter, latestEvent } from '../../common/flood-reporter.js';
 import { matchTopic } from '../../common/topic-match.js';
 
 export interface IngestOptions {
@@ -64,44 +65,27 @@ export function createIngest(options: IngestOptions): Ingest {
   };
   let qos0Failures = 0;
   // QoS 0 failures come in floods (disk full, queue full): one line per second with the count.
-  let unloggedFailures = 0;
-  let lastFailureLogAt = -Infinity;
-  let lastFailure: { err: unknown; message: IncomingMessage } | undefined;
-  let tailTimer: NodeJS.Timeout | undefined;
-
-  const logFailures = () => {
-    if (tailTimer !== undefined) clearTimeout(tailTimer);
-    tailTimer = undefined;
-    lastFailureLogAt = now();
-    if (unloggedFailures === 0 || lastFailure === undefined) return;
-    const { err, message } = lastFailure;
-    logger.warn(
-      {
-        code: isGatewayError(err) ? err.code : undefined,
-        error: errorMessage(err),
-        count: unloggedFailures,
-        total: qos0Failures,
-        topic: message.topic,
-        deviceId: message.deviceId,
-      },
-      'qos0_message_not_queued',
-    );
-    unloggedFailures = 0;
-  };
-
+  const failures = createFloodReporter<{ err: unknown; message: IncomingMessage }>({
+    windowMs: FAILURE_LOG_INTERVAL_MS,
+    fold: latestEvent,
+    now,
+    report(_key, { err, message }, count) {
+      logger.warn(
+        {
+          code: isGatewayError(err) ? err.code : undefined,
+          error: errorMessage(err),
+          count,
+          total: qos0Failures,
+          topic: message.topic,
+          deviceId: message.deviceId,
+        },
+        'qos0_message_not_queued',
+      );
+    },
+  });
   const noteQos0Failure = (err: unknown, message: IncomingMessage) => {
     qos0Failures++;
-    unloggedFailures++;
-    lastFailure = { err, message };
-    const sinceLast = now() - lastFailureLogAt;
-    if (sinceLast >= FAILURE_LOG_INTERVAL_MS) {
-      logFailures();
-    } else if (tailTimer === undefined) {
-      // The rest of a flood is logged once the second is over, even if nothing follows it.
-      const delay = Math.min(Math.max(FAILURE_LOG_INTERVAL_MS - sinceLast, 0), FAILURE_LOG_INTERVAL_MS);
-      tailTimer = setTimeout(logFailures, delay);
-      tailTimer.unref();
-    }
+    failures.note('qos0', { err, message });
   };
 
   return {

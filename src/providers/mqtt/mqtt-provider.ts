@@ -1,17 +1,10 @@
-import { readFileSync } from 'node:fs';
-import {
-  connect,
-  type IClientOptions,
-  type IConnackPacket,
-  type IPublishPacket,
-  type MqttClient,
-  type Packet,
-} from 'mqtt';
-import { ErrorCodes, GatewayError, errorMessage, type ErrorCode } from '../../errors.js';
+import type { IPublishPacket } from 'mqtt';
+import { ErrorCodes, GatewayError, errorMessage, toGatewayError } from '../../errors.js';
 import { matchTopic } from '../../common/topic-match.js';
 import { expandTemplate } from '../../common/topic-template.js';
 import type { Logger } from '../../logger.js';
 import { redactUrl } from '../../logger.js';
+import { DEFAULT_MAX_INFLIGHT, openMqttLink, type MqttLink, type MqttSubscription } from '../mqtt-link.js';
 import type {
   ConnectionTestResult,
   InboundMessage,
@@ -26,60 +19,22 @@ import { mqttSettingsSchema, type MqttSettings } from './settings.js';
 /** MQTT's own ceiling: the largest Remaining Length a packet can declare (256 MiB − 1). */
 const MQTT_MAX_REMAINING_LENGTH = 268_435_455;
 const DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024;
-/**
- * Unacknowledged publishes when the server does not announce a Receive Maximum (3.1.1 has no
- * such limit): the packet id space. The integration's `queue.inflight` (default 100) is then
- * the window, as configured, instead of being cut to a guessed 100.
- */
-const DEFAULT_MAX_INFLIGHT = 65_535;
 /** How long `import` listens for the retained messages a fresh subscription brings. */
 const IMPORT_WINDOW_MS = 1000;
-/** Bound on a graceful DISCONNECT at close(). */
-const CLOSE_TIMEOUT_MS = 2000;
 
-/** PUBACK reason codes that say "not now" rather than "never": the row is retried. */
-const RETRYABLE_PUBACK_CODES = new Set([
-  0x89, // Server busy
-  0x91, // Packet Identifier in use
-  0x97, // Quota exceeded
-]);
+/** (device, topic) pairs whose outbound mapping is remembered; the memo starts over when full. */
+const OUTBOUND_MEMO_TOPICS = 10_000;
 
-/** CONNACK codes that mean the credentials or the policy refused us (3.1.1 and 5). */
-const AUTH_CONNACK_CODES = new Set([4, 5, 0x86, 0x87, 0x8a, 0x8c]);
-
-interface PendingPublish {
-  fail(err: GatewayError): void;
-  /** performance.now() after which the publish counts as unacknowledged */
-  deadline: number;
-  topic: string;
-}
-
-/** How often a link looks for publishes past their deadline (one timer per link, not per message). */
-const TIMEOUT_SWEEP_MS = 250;
-
-/** One established (or establishing) connection and what hangs on it. */
-interface Link {
-  client: MqttClient;
-  established: boolean;
-  lost: boolean;
-  /** Why it went down, when mqtt.js or the server said so. */
-  lastError: Error | undefined;
-  pending: Set<PendingPublish>;
-  maxInflight: number;
-  /** MQTT 5 Maximum Packet Size from CONNACK. */
-  maxPacketSize: number | undefined;
-  sweep: NodeJS.Timeout | undefined;
-}
-
-interface Opened {
-  client: MqttClient;
-  connack: IConnackPacket;
-  latencyMs: number;
-  /** The error mqtt.js reported last on this client; read it when the link closes. */
-  lastError(): Error | undefined;
-}
-
-type Purpose = 'stream' | 'test' | 'import';
+/** Publications remembered at most while they wait for their echo. */
+const ECHO_MAX_ENTRIES = 10_000;
+/**
+ * On a link opened with the bridge flag: this many publications forgotten without an echo, and
+ * none ever echoed, means the broker honours the flag; the filter then stops, so it can never
+ * mistake someone else's identical message for our echo.
+ */
+const ECHO_PROBE = 20;
+/** CONNACK return code 1: unacceptable protocol version. */
+const CONNACK_BAD_PROTOCOL = 1;
 
 /**
  * The generic `mqtt` provider: bridges the local canonical topics to any MQTT 3.1.1/5 broker
@@ -97,22 +52,6 @@ type Purpose = 'stream' | 'test' | 'import';
  * subscriptions), and an echo filter drops the copies of our own publications that a broker
  * ignoring the flag sends back, so they never reach the inbound rule's local topic.
  */
-/** (device, topic) pairs whose outbound mapping is remembered; the memo starts over when full. */
-const OUTBOUND_MEMO_TOPICS = 10_000;
-
-const noTrace = (): void => {};
-
-/** Publications remembered at most while they wait for their echo. */
-const ECHO_MAX_ENTRIES = 10_000;
-/**
- * On a link opened with the bridge flag: this many publications forgotten without an echo, and
- * none ever echoed, means the broker honours the flag; the filter then stops, so it can never
- * mistake someone else's identical message for our echo.
- */
-const ECHO_PROBE = 20;
-/** CONNACK return code 1: unacceptable protocol version. */
-const CONNACK_BAD_PROTOCOL = 1;
-
 export function createMqttProvider(context: ProviderContext): Provider {
   const settings: MqttSettings = mqttSettingsSchema.parse(context.integration.settings);
   // The outbound rule and remote topic of each (device, topic) pair, worked out once: devices
@@ -168,7 +107,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
 
   let commandHandler: ((message: InboundMessage) => void) | undefined;
   let disconnectHandler: ((error: Error) => void) | undefined;
-  let link: Link | undefined;
+  let link: MqttLink | undefined;
   let closed = false;
 
   logger.info(
@@ -185,116 +124,32 @@ export function createMqttProvider(context: ProviderContext): Provider {
     logger.debug('no_local_unavailable');
   }
 
-  function tlsOptions(): Pick<IClientOptions, 'ca' | 'cert' | 'key'> {
-    const read = (what: string, path: string | undefined) => {
-      if (path === undefined) return undefined;
-      try {
-        return readFileSync(path);
-      } catch (err) {
-        throw new GatewayError(
-          ErrorCodes.PROVIDER_CONNECT,
-          `cannot read the ${what} file ${path} (${(err as NodeJS.ErrnoException).code ?? errorMessage(err)}); fix settings.${what} of integration ${context.integration.name}`,
-          { retryable: false, cause: err, details: { file: path } },
-        );
-      }
-    };
-    return { ca: read('ca', settings.ca), cert: read('cert', settings.cert), key: read('key', settings.key) };
-  }
-
-  /** Opens one client and resolves at CONNACK; every failure ends the client before rejecting. */
-  function openClient(id: string, purpose: Purpose, signal: AbortSignal, bridge = false): Promise<Opened> {
-    if (signal.aborted) return Promise.reject(aborted());
-    const log = logger.child({ clientId: id, purpose });
-    const options: IClientOptions = {
-      protocolVersion: settings.protocolVersion,
-      // Connected below, once the bridge flag is in place.
-      manualConnect: true,
-      clientId: id,
-      username: settings.username,
-      password: settings.password,
-      // mqtt.js takes seconds; a sub-second setting must not become 0 (= keepalive off).
-      keepalive: settings.keepalive === 0 ? 0 : Math.max(1, Math.ceil(settings.keepalive / 1000)),
-      connectTimeout: settings.connectTimeout,
-      reconnectPeriod: 0,
-      clean: settings.cleanSession,
-      queueQoSZero: false,
-      resubscribe: false,
-      rejectUnauthorized: settings.rejectUnauthorized,
-      ...tlsOptions(),
-      ...(settings.servername === undefined ? {} : { servername: settings.servername }),
-      // mqtt.js traces every packet through the `debug` package, which allocates its arguments
-      // even when off: a sixth of what the gateway allocated per message (measured), so more
-      // young-generation GC pauses. DEBUG=mqttjs* still turns its trace on.
-      ...(process.env.DEBUG ? {} : { log: noTrace }),
-    };
-    log.info({ endpoint, protocolVersion: settings.protocolVersion, bridge }, 'connect_started');
-    const started = performance.now();
-
-    return new Promise<Opened>((resolve, reject) => {
-      let settled = false;
-      let lastError: Error | undefined;
-      const client = connect(settings.url, options);
-      if (bridge) setBridgeFlag(client);
-      client.connect();
-      // Without an 'error' listener mqtt.js would throw; errors are read when the link closes.
-      client.on('error', (err) => {
-        lastError = err;
-      });
-      client.on('disconnect', (packet) => {
-        lastError = new Error(`the server sent DISCONNECT (reason code ${packet.reasonCode ?? 0})`);
-      });
-
-      const safety = setTimeout(
-        () =>
-          fail(
-            new GatewayError(
-              ErrorCodes.PROVIDER_TIMEOUT,
-              `no CONNACK from ${endpoint} within ${settings.connectTimeout} ms`,
-              {
-                retryable: true,
-              },
-            ),
-          ),
-        settings.connectTimeout + 1000,
-      );
-      const onAbort = () => fail(aborted());
-      signal.addEventListener('abort', onAbort, { once: true });
-
-      const finish = () => {
-        settled = true;
-        clearTimeout(safety);
-        signal.removeEventListener('abort', onAbort);
-        client.removeListener('close', onCloseBeforeConnack);
-      };
-      function fail(err: GatewayError) {
-        if (settled) return;
-        finish();
-        client.end(true);
-        log.warn(
-          { code: err.code, err: err.message, latencyMs: Math.round(performance.now() - started) },
-          'connect_failed',
-        );
-        reject(err);
-      }
-      function onCloseBeforeConnack() {
-        fail(classifyConnectError(lastError, endpoint));
-      }
-      client.on('close', onCloseBeforeConnack);
-      client.once('connect', (connack) => {
-        if (settled) return;
-        finish();
-        const latencyMs = Math.round(performance.now() - started);
-        log.info(
-          {
-            latencyMs,
-            receiveMaximum: connack.properties?.receiveMaximum,
-            maximumPacketSize: connack.properties?.maximumPacketSize,
-          },
-          'connect_completed',
-        );
-        resolve({ client, connack, latencyMs, lastError: () => lastError });
-      });
-    });
+  /** Opens one connection with this integration's settings; resolves at CONNACK. */
+  function open(id: string, purpose: string, signal: AbortSignal, bridge = false): Promise<MqttLink> {
+    return openMqttLink(
+      {
+        url: settings.url,
+        clientId: id,
+        protocolVersion: settings.protocolVersion,
+        logger,
+        credentials: () => ({ username: settings.username, password: settings.password }),
+        tls: {
+          ca: settings.ca,
+          cert: settings.cert,
+          key: settings.key,
+          servername: settings.servername,
+          rejectUnauthorized: settings.rejectUnauthorized,
+        },
+        keepaliveMs: settings.keepalive,
+        connectTimeoutMs: settings.connectTimeout,
+        publishTimeoutMs: settings.publishTimeout,
+        cleanSession: settings.cleanSession,
+        bridgeMode: bridge,
+        owner: `integration ${context.integration.name}`,
+        purpose,
+      },
+      signal,
+    );
   }
 
   /**
@@ -302,11 +157,11 @@ export function createMqttProvider(context: ProviderContext): Provider {
    * refuses the flag (CONNACK 1, or closing the connection before CONNACK) is tried again at
    * once without it, and the flag stays off for this provider; the echo filter still guards.
    */
-  async function openStream(signal: AbortSignal): Promise<Opened> {
+  async function openStream(signal: AbortSignal): Promise<MqttLink> {
     bridgedLink = false;
-    if (!bridgeFlag) return openClient(clientId, 'stream', signal);
+    if (!bridgeFlag) return open(clientId, 'stream', signal);
     try {
-      const opened = await openClient(clientId, 'stream', signal, true);
+      const opened = await open(clientId, 'stream', signal, true);
       bridgedLink = true;
       return opened;
     } catch (err) {
@@ -314,7 +169,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
         err instanceof GatewayError &&
         (err.details?.connackCode === CONNACK_BAD_PROTOCOL || err.details?.beforeConnack === true);
       if (settings.bridgeMode !== 'auto' || !refusal || signal.aborted) throw err;
-      const opened = await openClient(clientId, 'stream', signal);
+      const opened = await open(clientId, 'stream', signal);
       bridgeFlag = false;
       logger.info({ endpoint, err: errorMessage(err) }, 'bridge_mode_refused');
       return opened;
@@ -329,35 +184,36 @@ export function createMqttProvider(context: ProviderContext): Provider {
     else logger.debug({ topic, total: echoesDropped }, 'inbound_echo_dropped');
   }
 
-  function subscribeInbound(client: MqttClient, retainHandling: 0 | 1 | 2): Promise<void> {
-    if (settings.inbound.length === 0) return Promise.resolve();
+  async function subscribeInbound(current: MqttLink, retainHandling: 0 | 1 | 2): Promise<void> {
+    if (settings.inbound.length === 0) return;
     const v5 = settings.protocolVersion === 5;
-    const map: Record<string, { qos: 0 | 1 | 2; nl?: boolean; rap?: boolean; rh?: number }> = {};
+    const map: Record<string, MqttSubscription> = {};
     for (const rule of settings.inbound) {
       // Retain As Published keeps retained desired state retained on the local side.
       map[rule.remote] = v5
         ? { qos: rule.qos, nl: settings.noLocal, rap: true, rh: retainHandling }
         : { qos: rule.qos };
     }
-    return new Promise((resolve) => {
-      client.subscribe(map, (err, granted) => {
-        const refused = (granted ?? []).filter((g) => (g.qos & 0x80) !== 0).map((g) => g.topic);
-        if (err || refused.length > 0) {
-          // Outbound still works without the inbound subscription, so the link stays up.
-          logger.warn({ err: err?.message, refused }, 'subscribe_failed');
-          context.activity?.record({
-            integrationId: context.integration.id,
-            activityType: 'subscribe',
-            direction: 'incoming',
-            status: 'failed',
-            errorCode: ErrorCodes.PROVIDER_REJECTED,
-            errorMessage: err ? err.message : `the broker refused the subscriptions ${refused.join(', ')}`,
-            metadata: { filters: Object.keys(map) },
-          });
-        }
-        resolve();
-      });
-    });
+    let failure: string | undefined;
+    let refused: string[] = [];
+    try {
+      refused = (await current.subscribe(map)).refused;
+    } catch (err) {
+      failure = errorMessage(err);
+    }
+    if (failure === undefined && refused.length === 0) return;
+    // Outbound still works without the inbound subscription, so the link stays up.
+    logger.warn({ err: failure, refused }, 'subscribe_failed');
+    const event = {
+      activityType: 'subscribe',
+      direction: 'incoming',
+      status: 'failed',
+      errorCode: ErrorCodes.PROVIDER_REJECTED,
+      errorMessage: failure ?? `the broker refused the subscriptions ${refused.join(', ')}`,
+      metadata: { filters: Object.keys(map) },
+    } as const;
+    if (context.report) context.report(event);
+    else context.activity?.record({ integrationId: context.integration.id, ...event });
   }
 
   /** The local topic for a remote one: the first inbound rule whose filter matches. */
@@ -395,43 +251,6 @@ export function createMqttProvider(context: ProviderContext): Provider {
     }
   }
 
-  function endClient(client: MqttClient): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        client.end(true);
-        resolve();
-      }, CLOSE_TIMEOUT_MS);
-      // A graceful end waits for unacknowledged publishes; those are abandoned here (the queue
-      // still holds them), so force when any are outstanding.
-      const force = !client.connected || Object.keys(client.outgoing).length > 0;
-      client.end(force, () => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  }
-
-  function dropLink(current: Link, err: GatewayError): void {
-    clearInterval(current.sweep);
-    current.sweep = undefined;
-    for (const pending of [...current.pending]) pending.fail(err);
-    current.pending.clear();
-  }
-
-  function sweepTimeouts(current: Link): void {
-    const t = performance.now();
-    for (const pending of current.pending) {
-      if (pending.deadline > t) continue;
-      pending.fail(
-        new GatewayError(
-          ErrorCodes.PROVIDER_TIMEOUT,
-          `no acknowledgement from ${endpoint} within ${settings.publishTimeout} ms`,
-          { retryable: true, details: { topic: pending.topic } },
-        ),
-      );
-    }
-  }
-
   function packetSize(topic: string, payload: Buffer, qos: number): number {
     const remaining =
       2 +
@@ -459,85 +278,50 @@ export function createMqttProvider(context: ProviderContext): Provider {
       if (closed) throw closedError();
       const previous = link;
       link = undefined;
-      if (previous) {
-        // Marked lost first, so its close is not reported as a loss of the new link.
-        previous.lost = true;
-        dropLink(previous, notConnected('the previous connection was replaced'));
-        previous.client.end(true);
-      }
-      const opened = await openStream(signal);
-      const { client, connack } = opened;
+      // Closed, not lost: a replaced link is not reported as a loss of the new one.
+      if (previous) void previous.close(notConnected('the previous connection was replaced'));
+      const current = await openStream(signal);
       if (closed) {
-        client.end(true);
+        void current.close();
         throw closedError();
       }
-      const current: Link = {
-        client,
-        established: false,
-        lost: false,
-        lastError: undefined,
-        pending: new Set(),
-        maxInflight: connack.properties?.receiveMaximum ?? DEFAULT_MAX_INFLIGHT,
-        maxPacketSize: connack.properties?.maximumPacketSize,
-        sweep: undefined,
-      };
-      current.sweep = setInterval(
-        () => sweepTimeouts(current),
-        Math.min(TIMEOUT_SWEEP_MS, settings.publishTimeout),
-      );
-      current.sweep.unref();
+      let established = false;
       link = current;
-      client.on('message', (topic, payload, packet) => {
+      current.onMessage((topic, payload, packet) => {
         if (echoActive && echoFilter?.isEcho(topic, payload)) {
           noteEcho(topic);
           return;
         }
         deliverInbound(topic, payload, packet);
       });
-      const onLost = () => {
-        if (current.lost) return;
-        current.lost = true;
-        const reason = opened.lastError() ?? new Error('the connection closed');
-        dropLink(current, notConnected(`the connection was lost: ${reason.message}`));
+      current.onLoss((reason) => {
         if (link === current) link = undefined;
-        if (!current.established || closed) return;
-        logger.warn({ err: reason.message }, 'connection_lost');
+        if (!established || closed) return;
         try {
-          disconnectHandler?.(
-            new GatewayError(
-              ErrorCodes.PROVIDER_CONNECT,
-              `the connection to ${endpoint} was lost: ${reason.message}`,
-              {
-                retryable: true,
-                cause: reason,
-              },
-            ),
-          );
+          disconnectHandler?.(reason);
         } catch (err) {
           logger.error({ err }, 'disconnect_handler_failed');
         }
-      };
-      client.on('close', onLost);
+      });
       // The broker may have closed the socket already (kick right after CONNACK).
-      if (!client.connected) onLost();
-      else await subscribeInbound(client, 0);
-      if (current.lost) {
+      if (current.connected) await subscribeInbound(current, 0);
+      if (!current.connected) {
         // Lost while subscribing: report it as a failed attempt, the supervisor retries.
+        if (link === current) link = undefined;
         throw notConnected(`the connection to ${endpoint} closed right after CONNACK`);
       }
       if (signal.aborted) {
-        current.lost = true;
         link = undefined;
-        client.end(true);
+        void current.close();
         throw aborted();
       }
-      current.established = true;
+      established = true;
     },
 
     publish(message: OutboundMessage) {
       if (closed) return Promise.reject(closedError());
       const current = link;
-      if (current === undefined || current.lost || !current.client.connected) {
+      if (current === undefined || !current.connected) {
         return Promise.reject(notConnected(`not connected to ${endpoint}`));
       }
       const mapped = mapOutbound(message);
@@ -592,25 +376,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
           logger.info({ endpoint, unmatched: echoFilter.unmatched }, 'echo_filter_off');
         }
       }
-      return new Promise<void>((resolve, reject) => {
-        let done = false;
-        const settle = (err: GatewayError | undefined) => {
-          if (done) return;
-          done = true;
-          current.pending.delete(pending);
-          if (err) reject(err);
-          else resolve();
-        };
-        const pending: PendingPublish = {
-          fail: (err) => settle(err),
-          deadline: performance.now() + settings.publishTimeout,
-          topic: target,
-        };
-        current.pending.add(pending);
-        current.client.publish(target, message.payload, { qos, retain }, (err) => {
-          settle(err ? classifyPublishError(err, endpoint, target) : undefined);
-        });
-      });
+      return current.publish(target, message.payload, { qos, retain });
     },
 
     onCommand(handler) {
@@ -626,11 +392,11 @@ export function createMqttProvider(context: ProviderContext): Provider {
       const details = { url: endpoint, protocolVersion: settings.protocolVersion, clientId: testId };
       const started = performance.now();
       try {
-        const opened = await openClient(testId, 'test', signal);
-        await endClient(opened.client);
+        const opened = await open(testId, 'test', signal);
+        await opened.close();
         return { ok: true, latencyMs: opened.latencyMs, details };
       } catch (err) {
-        const e = err instanceof GatewayError ? err : classifyConnectError(err as Error, endpoint);
+        const e = toGatewayError(err, ErrorCodes.PROVIDER_CONNECT);
         return {
           ok: false,
           latencyMs: Math.round(performance.now() - started),
@@ -656,16 +422,16 @@ export function createMqttProvider(context: ProviderContext): Provider {
           details: { note: 'a plain MQTT broker has no device registry; nothing to import' },
         };
       }
-      const opened = await openClient(`${clientId}-import`, 'import', signal);
+      const opened = await open(`${clientId}-import`, 'import', signal);
       let seen = 0;
       let delivered = 0;
       try {
-        opened.client.on('message', (topic, payload, packet) => {
+        opened.onMessage((topic, payload, packet) => {
           if (!packet.retain) return;
           seen++;
           if (deliverInbound(topic, payload, packet)) delivered++;
         });
-        await subscribeInbound(opened.client, 0);
+        await subscribeInbound(opened, 0);
         await new Promise<void>((resolve) => {
           const timer = setTimeout(done, IMPORT_WINDOW_MS);
           function done() {
@@ -676,7 +442,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
           signal.addEventListener('abort', done, { once: true });
         });
       } finally {
-        await endClient(opened.client);
+        await opened.close();
       }
       if (signal.aborted) throw aborted();
       return {
@@ -719,9 +485,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
       const current = link;
       link = undefined;
       if (current === undefined) return;
-      current.lost = true;
-      dropLink(current, closedError());
-      await endClient(current.client);
+      await current.close(closedError());
     },
   };
   return provider;
@@ -737,84 +501,4 @@ function closedError(): GatewayError {
 
 function notConnected(message: string): GatewayError {
   return new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, message, { retryable: true });
-}
-
-/**
- * Sets the bridge flag (0x80) in the protocol level of this client's CONNECT: mqtt-packet writes
- * it from the packet's `bridgeMode`, which mqtt.js has no option for. The provider's tests
- * check on the wire that it arrives (a broker sees `bridgeMode`, Mosquitto stops echoing).
- */
-function setBridgeFlag(client: MqttClient): void {
-  const internals = client as unknown as { _writePacket?: (packet: Packet, cb?: unknown) => void };
-  const write = internals._writePacket;
-  if (typeof write !== 'function') return;
-  internals._writePacket = function (this: MqttClient, packet: Packet, cb?: unknown) {
-    if (packet.cmd === 'connect') (packet as Packet & { bridgeMode?: boolean }).bridgeMode = true;
-    write.call(this, packet, cb);
-  };
-}
-
-/** CONNACK refusals, TLS verification and network errors, each with a code callers can branch on. */
-function classifyConnectError(err: Error | undefined, endpoint: string): GatewayError {
-  if (err === undefined) {
-    return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `${endpoint} closed the connection before CONNACK`, {
-      retryable: true,
-      details: { beforeConnack: true },
-    });
-  }
-  const code = (err as { code?: unknown }).code;
-  if (typeof code === 'number') {
-    const auth = AUTH_CONNACK_CODES.has(code);
-    const errorCode: ErrorCode = auth ? ErrorCodes.PROVIDER_AUTH : ErrorCodes.PROVIDER_CONNECT;
-    return new GatewayError(
-      errorCode,
-      `${endpoint} refused the connection: ${err.message} (CONNACK ${code})${auth ? '; check username, password, client certificate and the broker ACL' : ''}`,
-      // Retrying cannot fix bad credentials; the supervisor still retries with backoff in case
-      // the broker side is fixed.
-      { retryable: false, cause: err, details: { connackCode: code } },
-    );
-  }
-  const text = typeof code === 'string' ? code : '';
-  if (
-    /CERT|SSL|TLS|SELF_SIGNED|UNABLE_TO|HOSTNAME|ERR_TLS/i.test(text) ||
-    /TLS|certificate/i.test(err.message)
-  ) {
-    return new GatewayError(
-      ErrorCodes.PROVIDER_CONNECT,
-      `TLS with ${endpoint} failed: ${err.message}; check settings.ca, settings.servername and the broker certificate`,
-      { retryable: false, cause: err, details: { tls: text || undefined } },
-    );
-  }
-  if (/connack timeout/i.test(err.message)) {
-    return new GatewayError(ErrorCodes.PROVIDER_TIMEOUT, `no CONNACK from ${endpoint} in time`, {
-      retryable: true,
-      cause: err,
-    });
-  }
-  return new GatewayError(ErrorCodes.PROVIDER_CONNECT, `cannot connect to ${endpoint}: ${err.message}`, {
-    retryable: true,
-    cause: err,
-    // A reset after the TCP handshake is how some brokers refuse a CONNECT they do not like.
-    details: text ? { network: text, ...(text === 'ECONNRESET' ? { beforeConnack: true } : {}) } : undefined,
-  });
-}
-
-function classifyPublishError(err: Error, endpoint: string, topic: string): GatewayError {
-  const code = (err as { code?: unknown }).code;
-  if (typeof code === 'number' && code >= 0x80) {
-    return new GatewayError(
-      ErrorCodes.PROVIDER_REJECTED,
-      `${endpoint} rejected the message on ${topic}: ${err.message} (reason code 0x${code.toString(16)})`,
-      { retryable: RETRYABLE_PUBACK_CODES.has(code), cause: err, details: { reasonCode: code, topic } },
-    );
-  }
-  // "client disconnecting", "Connection closed", store errors: the link is going away.
-  return new GatewayError(
-    ErrorCodes.PROVIDER_NOT_CONNECTED,
-    `publish to ${endpoint} failed: ${err.message}`,
-    {
-      retryable: true,
-      cause: err,
-    },
-  );
 }

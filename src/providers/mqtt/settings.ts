@@ -1,28 +1,9 @@
 import { z } from 'zod';
 import { templateProblem, topicFilterProblem } from '../../config/topic-filter.js';
-import { parseDuration, parseSize } from '../../config/units.js';
+import { durationSchema, sizeSchema } from '../../config/units.js';
 
-const durationMs = (fallback: string) =>
-  z
-    .union([z.string(), z.number()])
-    .transform((v, ctx) => {
-      const ms = parseDuration(v);
-      if (ms === undefined) {
-        ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a duration; write e.g. 30s` });
-        return z.NEVER;
-      }
-      return ms;
-    })
-    .default(fallback);
-
-const sizeBytes = z.union([z.string(), z.number()]).transform((v, ctx) => {
-  const bytes = parseSize(v);
-  if (bytes === undefined || bytes < 1) {
-    ctx.addIssue({ code: z.ZodIssueCode.custom, message: `"${v}" is not a size; write e.g. 128KB, 256MB` });
-    return z.NEVER;
-  }
-  return bytes;
-});
+const durationMs = (fallback: string) => durationSchema().default(fallback);
+const sizeBytes = sizeSchema().refine((bytes) => bytes >= 1, 'must be at least 1 byte');
 
 const qos = z.union([z.literal(0), z.literal(1), z.literal(2)]);
 

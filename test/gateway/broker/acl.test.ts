@@ -57,10 +57,16 @@ describe('acl', () => {
     expect(canPublish(acl, 'devices/a/secret/k')).toBe(false);
     expect(canPublish(acl, 'devices/a/secret')).toBe(false);
     expect(canSubscribe(acl, 'devices/c/#')).toBe(true);
-    expect(canSubscribe(acl, 'devices/#')).toBe(false);
-    expect(canSubscribe(acl, 'devices/+/telemetry')).toBe(false);
+    // A filter wholly inside the deny list is refused …
+    expect(canSubscribe(acl, 'devices/b/#')).toBe(false);
+    expect(canSubscribe(acl, 'devices/b/telemetry')).toBe(false);
+    expect(canSubscribe(acl, 'devices/a/secret/+')).toBe(false);
+    // … one that only reaches into it is granted, and its denied messages are never delivered.
+    expect(canSubscribe(acl, 'devices/#')).toBe(true);
+    expect(canSubscribe(acl, 'devices/+/telemetry')).toBe(true);
     expect(canReceive(acl, 'devices/c/telemetry')).toBe(true);
     expect(canReceive(acl, 'devices/b/telemetry')).toBe(false);
+    expect(canReceive(acl, 'devices/a/secret/k')).toBe(false);
   });
 
   it('refuses wildcards, empty and over-deep topics in publishes and malformed filters', () => {
