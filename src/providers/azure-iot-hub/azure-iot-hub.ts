@@ -5,7 +5,7 @@ import { randomUUID } from 'node:crypto';
 import type { IPublishPacket } from 'mqtt';
 import { createBackoff } from '../../common/backoff.js';
 import { createRateLimiter } from '../../common/rate-limiter.js';
-import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
+import { ErrorCodes, GatewayError, errorMessage, toGatewayError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import {
   deviceUnavailable,
@@ -18,7 +18,8 @@ import {
   type ProviderEvent,
   type SyncResult,
 } from '../provider.js';
-import { classifyConnectError, openDeviceLink, type DeviceLink } from './device-link.js';
+import { hubUnreachable, openDeviceLink, type DeviceLink } from './device-link.js';
+import { createDeviceLinkPool } from '../device-link-pool.js';
 import { encodePropertyBag, type PropertyBag } from './property-bag.js';
 import { createSasToken, deviceResource, parseSasToken } from './sas.js';
 import { createServiceApi } from './service-api.js';
@@ -41,12 +42,10 @@ const D2C_MAX_BYTES = 256 * 1024;
 const TWIN_SECTION_MAX_BYTES = 32 * 1024;
 /** The forwarder's window is the integration's `queue.inflight`; the hub announces no limit (3.1.1). */
 const MAX_INFLIGHT = 65_535;
-/** One timer checks every link's deadlines, idle time and method timeouts. */
+/** One timer checks the direct methods waiting for an answer. */
 const SWEEP_MS = 250;
-/** Parked at least this long after a link fails, so a refused device is not hammered. */
-const MIN_PARK_MS = 500;
-/** A device refused as not authorized waits at least this long before its link is tried again. */
-const AUTH_PARK_MS = 30_000;
+/** No device link is tried again sooner than this after a failure. */
+const MIN_RETRY_MS = 500;
 /**
  * Links in the middle of opening at once: TLS handshakes cost CPU on both ends, and a storm of
  * them (a thousand devices after a restart) makes every CONNACK late.
@@ -55,17 +54,15 @@ const MAX_OPENING = 16;
 /** C2D request ids remembered per device, so a device's reply to a C2D message is not an error. */
 const C2D_REMEMBERED = 64;
 
+/** What the provider keeps per child device beside its link (the pool holds the link). */
 interface DeviceState {
   id: string;
-  link: DeviceLink | undefined;
-  opening: Promise<DeviceLink> | undefined;
   /** A token renewal in progress: publishes wait for the new link instead of failing. */
   swap: Promise<void> | undefined;
   /** Connected to the local broker: its link stays open for C2D and methods. */
   present: boolean;
-  lastUsed: number;
-  failures: number;
-  parkedUntil: number;
+  /** Twin requests answered 429 in a row, for the wait before the next. */
+  throttles: number;
   renewTimer: NodeJS.Timeout | undefined;
   retryTimer: NodeJS.Timeout | undefined;
   desiredVersion: number;
@@ -114,6 +111,15 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
   let lifetime = new AbortController();
   let sweepTimer: NodeJS.Timeout | undefined;
   let caCache: Buffer | undefined;
+  const pool = createDeviceLinkPool<DeviceLink>({
+    open: (deviceId, signal) => openLink(deviceId, signal),
+    close: (link) => link.end(),
+    maxLinks: settings.maxLinks,
+    idleTimeoutMs: settings.idleTimeout,
+    backoff,
+    minRetryMs: MIN_RETRY_MS,
+    logger,
+  });
 
   logger.info(
     {
@@ -153,13 +159,9 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     if (!state) {
       state = {
         id: deviceId,
-        link: undefined,
-        opening: undefined,
         swap: undefined,
         present: false,
-        lastUsed: Date.now(),
-        failures: 0,
-        parkedUntil: 0,
+        throttles: 0,
         renewTimer: undefined,
         retryTimer: undefined,
         desiredVersion: 0,
@@ -266,16 +268,13 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
 
   function startSweep() {
     if (sweepTimer) return;
-    sweepTimer = setInterval(sweep, SWEEP_MS);
+    sweepTimer = setInterval(sweepMethods, SWEEP_MS);
     sweepTimer.unref();
   }
 
-  function sweep() {
-    const perfNow = performance.now();
+  function sweepMethods() {
     const now = Date.now();
     for (const state of devices.values()) {
-      const link = state.link;
-      if (link) link.sweep(perfNow);
       for (const [requestId, method] of state.methods) {
         if (method.expiresAt > now) continue;
         state.methods.delete(requestId);
@@ -290,65 +289,21 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
           metadata: { deviceId: state.id, requestId, method: method.name },
         });
       }
-      if (
-        link &&
-        !state.present &&
-        !state.swap &&
-        link.inflight === 0 &&
-        state.methods.size === 0 &&
-        now - state.lastUsed >= settings.idleTimeout
-      ) {
-        logger.debug({ deviceId: state.id }, 'device_link_idle_closed');
-        closeLink(state, notConnected(`the link of device ${state.id} closed as idle`));
-      }
     }
-  }
-
-  function closeLink(state: DeviceState, reason: GatewayError): Promise<void> {
-    const link = state.link;
-    state.link = undefined;
-    clearTimeout(state.renewTimer);
-    state.renewTimer = undefined;
-    return link ? link.end(reason) : Promise.resolve();
-  }
-
-  function openLinks(): number {
-    let n = 0;
-    for (const s of devices.values()) if (s.link || s.opening) n++;
-    return n;
-  }
-
-  /** Makes room under maxLinks by closing the least recently used idle link. */
-  function makeRoom(forDevice: string): void {
-    if (openLinks() < settings.maxLinks) return;
-    let victim: DeviceState | undefined;
-    for (const s of devices.values()) {
-      if (!s.link || s.present || s.swap || s.link.inflight > 0 || s.methods.size > 0) continue;
-      if (!victim || s.lastUsed < victim.lastUsed) victim = s;
-    }
-    if (!victim) {
-      throw deviceUnavailable(
-        forDevice,
-        `all ${settings.maxLinks} device links are busy (settings.maxLinks); device ${forDevice} waits for one`,
-        1000,
-      );
-    }
-    logger.debug({ deviceId: victim.id, forDevice }, 'device_link_evicted');
-    void closeLink(victim, notConnected(`the link of device ${victim.id} made room for another device`));
   }
 
   let opening = 0;
   const openSlots: (() => void)[] = [];
 
   /** Waits for an opening slot (MAX_OPENING) and a connect token (connectsPerSecond). */
-  async function pace(): Promise<void> {
+  async function pace(signal: AbortSignal): Promise<void> {
     if (opening >= MAX_OPENING) await new Promise<void>((resolve) => openSlots.push(resolve));
     opening++;
     try {
       for (let i = 0; i < 10_000; i++) {
         const wait = connectPacer.take();
         if (wait === 0) return;
-        await sleep(wait, lifetime.signal);
+        await sleep(wait, signal);
       }
     } catch (err) {
       releaseSlot();
@@ -361,147 +316,100 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     openSlots.shift()?.();
   }
 
-  function parkedError(state: DeviceState): GatewayError {
-    return deviceUnavailable(
-      state.id,
-      `device ${state.id} is parked after its link failed; it is tried again in ${state.parkedUntil - Date.now()} ms`,
-      Math.max(1, state.parkedUntil - Date.now()),
-    );
-  }
-
-  /** The device's open link, opening one when needed; waits out a token renewal. */
-  async function ensureLink(state: DeviceState, forSync = false): Promise<DeviceLink> {
-    for (let i = 0; i < 10; i++) {
-      if (closed) throw closedError();
-      if (!connected && !forSync) throw notConnected(`not connected to ${endpoint}`);
-      if (state.swap) {
-        await state.swap;
-        continue;
-      }
-      if (state.link?.isOpen) return state.link;
-      if (state.opening) return state.opening;
-      if (state.parkedUntil > Date.now()) throw parkedError(state);
-      state.opening = openLink(state).finally(() => {
-        state.opening = undefined;
-      });
-      return state.opening;
-    }
-    throw deviceUnavailable(state.id, `the link of device ${state.id} kept changing under a publish`, 100);
-  }
-
-  async function openLink(state: DeviceState): Promise<DeviceLink> {
-    makeRoom(state.id);
-    await pace();
+  /** The pool's `open`: one attempt, paced; what failed is reported, a hub gone is reported up. */
+  async function openLink(deviceId: string, poolSignal: AbortSignal): Promise<DeviceLink> {
+    const signal = AbortSignal.any([poolSignal, lifetime.signal]);
+    const state = stateOf(deviceId);
+    await pace(signal);
     const started = performance.now();
     let link: DeviceLink;
     let creds: Credentials;
     try {
-      creds = credentials(state.id);
-      link = await openDeviceLink({
-        deviceId: state.id,
-        hostName: settings.hostName,
-        address: settings.address,
-        port: settings.port,
-        ca: readCa(),
-        cert: creds.cert,
-        key: creds.key,
-        password: creds.password,
-        apiVersion: API_VERSION,
-        keepaliveMs: settings.keepalive,
-        connectTimeoutMs: settings.connectTimeout,
-        requestTimeoutMs: settings.publishTimeout,
-        signal: lifetime.signal,
-        onMessage: (topic, payload, packet) => onInbound(state, topic, payload, packet),
-      });
-    } catch (err) {
-      throw openFailed(
-        state,
-        err instanceof GatewayError ? err : classifyConnectError(err as Error, endpoint, state.id),
+      creds = credentials(deviceId);
+      const fixed = creds;
+      link = await openDeviceLink(
+        {
+          deviceId,
+          hostName: settings.hostName,
+          address: settings.address,
+          port: settings.port,
+          ca: readCa(),
+          credentials: () => fixed,
+          apiVersion: API_VERSION,
+          keepaliveMs: settings.keepalive,
+          connectTimeoutMs: settings.connectTimeout,
+          requestTimeoutMs: settings.publishTimeout,
+          logger,
+          owner: `integration ${context.integration.name} (device ${deviceId})`,
+          onMessage: (topic, payload, packet) => onInbound(state, topic, payload, packet),
+        },
+        signal,
       );
+    } catch (err) {
+      if (!(err instanceof GatewayError) || err.code !== ErrorCodes.ABORTED) {
+        if (hubUnreachable(err)) hubLost(err as GatewayError);
+        else {
+          report({
+            activityType: 'device_link',
+            direction: 'outgoing',
+            status: 'failed',
+            errorCode: err instanceof GatewayError ? err.code : ErrorCodes.PROVIDER_CONNECT,
+            errorMessage: errorMessage(err),
+            metadata: { deviceId },
+          });
+        }
+      }
+      throw err;
     } finally {
       releaseSlot();
     }
-    if (closed) {
-      await link.end(closedError());
-      throw closedError();
-    }
-    state.link = link;
-    state.lastUsed = Date.now();
     startSweep();
     link.onLost((err) => linkLost(state, link, err));
-    logger.debug(
-      { deviceId: state.id, latencyMs: Math.round(performance.now() - started) },
-      'device_link_opened',
-    );
+    logger.debug({ deviceId, latencyMs: Math.round(performance.now() - started) }, 'device_link_opened');
     if (creds.expiresAt !== undefined) scheduleRenewal(state, link, creds);
     // §2.3: after (re)connecting, GET the twin; patches up to its $version are then ignored.
     void refreshDesired(state, link).catch((err: unknown) =>
-      logger.warn({ deviceId: state.id, err: errorMessage(err) }, 'twin_get_failed'),
+      logger.warn({ deviceId, err: errorMessage(err) }, 'twin_get_failed'),
     );
     return link;
   }
 
-  function park(state: DeviceState, minimumMs: number): number {
-    state.failures++;
-    const delay = Math.max(minimumMs, MIN_PARK_MS, backoff.delay(state.failures));
-    state.parkedUntil = Date.now() + delay;
-    if (state.present) scheduleRetry(state, delay);
-    return delay;
-  }
-
-  /** A link that could not open: the hub is gone (network, TLS) or only this device was refused. */
-  function openFailed(state: DeviceState, err: GatewayError): GatewayError {
-    if (err.code === ErrorCodes.ABORTED || err.code === ErrorCodes.PROVIDER_CLOSED) return err;
-    if (err.details?.scope === 'hub') {
-      hubLost(err);
-      return notConnected(err.message);
-    }
-    const delay = park(state, err.code === ErrorCodes.PROVIDER_AUTH ? AUTH_PARK_MS : 0);
-    logger.warn(
-      { deviceId: state.id, code: err.code, err: err.message, retryAfterMs: delay },
-      'device_link_refused',
-    );
-    report({
-      activityType: 'device_link',
-      direction: 'outgoing',
-      status: 'failed',
-      errorCode: err.code,
-      errorMessage: err.message,
-      metadata: { deviceId: state.id, retryAfterMs: delay },
-    });
-    if (err.code === ErrorCodes.PROVIDER_THROTTLED) return throttled(err.message, delay, state.id);
-    return deviceUnavailable(state.id, err.message, delay, err);
-  }
-
   /** The hub closed a device's link (429002 throttling, a duplicate, token expiry, network). */
   function linkLost(state: DeviceState, link: DeviceLink, err: GatewayError): void {
-    if (state.link !== link) return;
-    state.link = undefined;
+    pool.lost(state.id, link, err);
     clearTimeout(state.renewTimer);
     state.renewTimer = undefined;
     if (closed) return;
-    const delay = park(state, 0);
-    logger.warn({ deviceId: state.id, err: err.message, retryAfterMs: delay }, 'device_link_lost');
-    checkHub();
     report({
       activityType: 'device_link',
       direction: 'outgoing',
       status: 'failed',
       errorCode: ErrorCodes.PROVIDER_DEVICE_UNAVAILABLE,
       errorMessage: err.message,
-      metadata: { deviceId: state.id, retryAfterMs: delay },
+      metadata: { deviceId: state.id },
     });
+    checkHub();
+    keepPresent(state, 0);
   }
 
-  function scheduleRetry(state: DeviceState, delay: number): void {
+  /** A device connected locally keeps its link, so C2D messages and methods reach it. */
+  function keepPresent(state: DeviceState, delayMs: number): void {
     clearTimeout(state.retryTimer);
-    state.retryTimer = setTimeout(() => {
+    state.retryTimer = undefined;
+    if (!state.present || closed || !connected) return;
+    const attempt = () => {
       state.retryTimer = undefined;
       if (!state.present || closed || !connected) return;
-      ensureLink(state).catch(() => {
-        // openFailed has parked it, reported it and scheduled the next try.
-      });
-    }, delay + 10);
+      pool.acquire(state.id).then(
+        () => undefined,
+        (err: unknown) => {
+          const wait = err instanceof GatewayError ? Number(err.details?.retryAfterMs ?? 1000) : 1000;
+          keepPresent(state, Number.isFinite(wait) ? wait : 1000);
+        },
+      );
+    };
+    if (delayMs <= 0) return attempt();
+    state.retryTimer = setTimeout(attempt, delayMs + 10);
     state.retryTimer.unref();
   }
 
@@ -513,7 +421,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       .then(
         () => undefined,
         (err: unknown) => {
-          if (err instanceof GatewayError && err.details?.scope === 'hub') hubLost(err);
+          if (hubUnreachable(err)) hubLost(err as GatewayError);
         },
       )
       .finally(() => {
@@ -527,12 +435,12 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     connected = false;
     lifetime.abort();
     lifetime = new AbortController();
-    const reason = notConnected(`the hub at ${endpoint} is unreachable: ${err.message}`);
     for (const state of devices.values()) {
       clearTimeout(state.retryTimer);
-      state.parkedUntil = 0;
-      state.failures = 0;
-      void closeLink(state, reason);
+      clearTimeout(state.renewTimer);
+      state.retryTimer = undefined;
+      state.renewTimer = undefined;
+      void pool.close(state.id);
     }
     logger.warn({ err: err.message }, 'connection_lost');
     try {
@@ -553,18 +461,18 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
 
   /**
    * Sequential swap (§2.1: a second connection would kick the first): publishes already on the
-   * old link finish, new ones wait, the old link disconnects, the new one connects.
+   * old link finish, new ones wait, then the pool closes the old link and opens the new one.
    */
   function scheduleRenewal(state: DeviceState, link: DeviceLink, creds: Credentials): void {
     clearTimeout(state.renewTimer);
-    if (!creds.renewable || creds.expiresAt === undefined) {
-      if (creds.expiresAt !== undefined) {
-        state.renewTimer = setTimeout(
-          () => logger.warn({ deviceId: state.id }, 'sas_token_expired'),
-          Math.max(0, creds.expiresAt - Date.now()),
-        );
-        state.renewTimer.unref();
-      }
+    state.renewTimer = undefined;
+    if (creds.expiresAt === undefined) return;
+    if (!creds.renewable) {
+      state.renewTimer = setTimeout(
+        () => logger.warn({ deviceId: state.id }, 'sas_token_expired'),
+        Math.max(0, creds.expiresAt - Date.now()),
+      );
+      state.renewTimer.unref();
       return;
     }
     // Spread the renewals of links opened together over a tenth of the margin.
@@ -578,26 +486,19 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
   }
 
   function renew(state: DeviceState, link: DeviceLink): void {
-    if (state.link !== link || closed || state.swap) return;
+    if (pool.peek(state.id) !== link || closed || state.swap) return;
     const started = performance.now();
     state.swap = (async () => {
       try {
         await link.drained(settings.publishTimeout);
-        state.link = undefined;
-        await link.end(deviceUnavailable(state.id, `the link of device ${state.id} is being renewed`, 1));
-        state.opening = openLink(state).finally(() => {
-          state.opening = undefined;
-        });
-        await state.opening;
-        logger.info(
-          { deviceId: state.id, latencyMs: Math.round(performance.now() - started) },
-          'token_renewed',
-        );
+        await pool.reconnect(state.id, lifetime.signal);
+        const latencyMs = Math.round(performance.now() - started);
+        logger.info({ deviceId: state.id, latencyMs }, 'token_renewed');
         report({
           activityType: 'token_renewal',
           direction: 'internal',
           status: 'success',
-          responseTimeMs: Math.round(performance.now() - started),
+          responseTimeMs: latencyMs,
           metadata: { deviceId: state.id },
         });
       } catch (err) {
@@ -609,10 +510,21 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
           errorMessage: errorMessage(err),
           metadata: { deviceId: state.id },
         });
+        keepPresent(state, 1000);
       } finally {
         state.swap = undefined;
       }
     })();
+  }
+
+  /** Runs `fn` on the device's link once no renewal is in progress; errors stay scoped to it. */
+  async function withLink<T>(state: DeviceState, fn: (link: DeviceLink) => Promise<T>): Promise<T> {
+    for (let i = 0; i < 10 && state.swap; i++) await state.swap;
+    try {
+      return await pool.use(state.id, fn);
+    } catch (err) {
+      throw scoped(state, err);
+    }
   }
 
   function emit(topic: string, payload: Buffer, retain: boolean): void {
@@ -664,7 +576,6 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
   }
 
   function onInbound(state: DeviceState, topic: string, payload: Buffer, packet: IPublishPacket): void {
-    state.lastUsed = Date.now();
     const bag = parseC2dTopic(topic, state.id);
     if (bag !== undefined) return onC2d(state, bag, payload);
     const method = parseMethodRequest(topic);
@@ -681,7 +592,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     const version = parseDesiredPatchVersion(topic);
     if (version !== undefined) {
       if (version <= state.desiredVersion) return;
-      const link = state.link;
+      const link = pool.peek(state.id);
       if (version !== state.desiredVersion + 1 && state.desiredVersion !== 0 && link) {
         // A patch was missed: read the whole twin instead of merging a gap.
         void refreshDesired(state, link).catch((err: unknown) =>
@@ -741,9 +652,12 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
   }
 
   function twinAnswer(state: DeviceState, status: number, what: string, message?: OutboundMessage): void {
-    if (status === 200 || status === 204) return;
+    if (status === 200 || status === 204) {
+      state.throttles = 0;
+      return;
+    }
     if (status === 429) {
-      const delay = park(state, 0);
+      const delay = Math.max(MIN_RETRY_MS, backoff.delay(state.throttles++));
       throw throttled(`the hub throttled the twin ${what} of device ${state.id} (429)`, delay, state.id);
     }
     if (status >= 500) {
@@ -813,8 +727,8 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       err.code === ErrorCodes.PROVIDER_DEVICE_UNAVAILABLE &&
       typeof err.details?.retryAfterMs !== 'number'
     ) {
-      const wait = Math.max(1, state.parkedUntil - Date.now());
-      return deviceUnavailable(state.id, err.message, wait, err);
+      // The link dropped under this request; the pool backs the device off before reopening.
+      return deviceUnavailable(state.id, err.message, MIN_RETRY_MS, err);
     }
     return err;
   }
@@ -833,10 +747,8 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
         throw new GatewayError(ErrorCodes.ABORTED, 'the sync was aborted', { retryable: false });
       for (let wait = pacer.take(); wait > 0; wait = pacer.take()) await sleep(wait, signal);
       const state = stateOf(id);
-      state.lastUsed = Date.now();
       try {
-        const link = await ensureLink(state, true);
-        await run(state, link);
+        await withLink(state, (link) => run(state, link));
         ok++;
       } catch (err) {
         failed++;
@@ -912,7 +824,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
           ),
         ),
       );
-      socket.once('error', (err) => done(classifyConnectError(err, endpoint, '-')));
+      socket.once('error', (err) => done(hubError(err, endpoint)));
     });
   }
 
@@ -942,10 +854,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       connected = true;
       logger.info({ endpoint, latencyMs }, 'connect_completed');
       startSweep();
-      for (const state of devices.values()) {
-        state.parkedUntil = 0;
-        if (state.present) scheduleRetry(state, 0);
-      }
+      for (const state of devices.values()) keepPresent(state, 0);
     },
 
     async publish(message) {
@@ -960,18 +869,11 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       }
       if (message.payload.length > D2C_MAX_BYTES) throw tooLarge(message, D2C_MAX_BYTES);
       const state = stateOf(kind.deviceId);
-      state.lastUsed = Date.now();
-      try {
-        const link = await ensureLink(state);
-        if (kind.kind === 'telemetry') await sendTelemetry(state, link, message, kind.stream);
-        else if (kind.kind === 'state') await sendState(state, link, message);
-        else await sendMethodResponse(state, link, message);
-        state.failures = 0;
-      } catch (err) {
-        throw scoped(state, err);
-      } finally {
-        state.lastUsed = Date.now();
-      }
+      await withLink(state, (link) => {
+        if (kind.kind === 'telemetry') return sendTelemetry(state, link, message, kind.stream);
+        if (kind.kind === 'state') return sendState(state, link, message);
+        return sendMethodResponse(state, link, message);
+      });
     },
 
     onCommand(handler) {
@@ -985,11 +887,8 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     onDevicePresence(deviceId, online) {
       const state = stateOf(deviceId);
       state.present = online;
-      state.lastUsed = Date.now();
-      if (!online || closed || !connected) return;
-      ensureLink(state).catch(() => {
-        // openFailed parked and reported it, and schedules the next try while it is present.
-      });
+      pool.pin(deviceId, online);
+      keepPresent(state, 0);
     },
 
     async testConnection(signal): Promise<ConnectionTestResult> {
@@ -1007,26 +906,28 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
           details.note = 'no device known yet, so only TLS was checked';
         } else {
           details.deviceId = deviceId;
-          const state = stateOf(deviceId);
-          if (!state.link?.isOpen) {
+          // A second connection would kick the device's live link (§2.1): use that one if open.
+          if (!pool.peek(deviceId)?.isOpen) {
             const creds = credentials(deviceId);
-            const link = await openDeviceLink({
-              deviceId,
-              hostName: settings.hostName,
-              address: settings.address,
-              port: settings.port,
-              ca: readCa(),
-              cert: creds.cert,
-              key: creds.key,
-              password: creds.password,
-              apiVersion: API_VERSION,
-              keepaliveMs: settings.keepalive,
-              connectTimeoutMs: settings.connectTimeout,
-              requestTimeoutMs: settings.publishTimeout,
+            const link = await openDeviceLink(
+              {
+                deviceId,
+                hostName: settings.hostName,
+                address: settings.address,
+                port: settings.port,
+                ca: readCa(),
+                credentials: () => creds,
+                apiVersion: API_VERSION,
+                keepaliveMs: settings.keepalive,
+                connectTimeoutMs: settings.connectTimeout,
+                requestTimeoutMs: settings.publishTimeout,
+                logger,
+                owner: `integration ${context.integration.name} (device ${deviceId})`,
+                onMessage: () => {},
+              },
               signal,
-              onMessage: () => {},
-            });
-            await link.end(notConnected('the test connection ends'));
+            );
+            await link.end();
           }
         }
         if (settings.service) {
@@ -1036,7 +937,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
         }
         return { ok: true, latencyMs: Math.round(performance.now() - started), details };
       } catch (err) {
-        const e = err instanceof GatewayError ? err : classifyConnectError(err as Error, endpoint, '-');
+        const e = toGatewayError(err, ErrorCodes.PROVIDER_CONNECT);
         return {
           ok: false,
           latencyMs: Math.round(performance.now() - started),
@@ -1148,12 +1049,11 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
       lifetime.abort();
       clearInterval(sweepTimer);
       sweepTimer = undefined;
-      const ends: Promise<void>[] = [];
       for (const state of devices.values()) {
         clearTimeout(state.retryTimer);
-        ends.push(closeLink(state, closedError()));
+        clearTimeout(state.renewTimer);
       }
-      await Promise.all(ends);
+      await pool.closeAll();
     },
   };
 
@@ -1182,6 +1082,31 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
   }
 
   return provider;
+}
+
+/** A hub that cannot be reached at all: network or TLS, in one sentence with the settings to check. */
+function hubError(err: Error, endpoint: string): GatewayError {
+  const code = (err as NodeJS.ErrnoException).code ?? '';
+  if (/CERT|SSL|TLS|SELF_SIGNED|UNABLE_TO|HOSTNAME/i.test(code) || /certificate/i.test(err.message)) {
+    return new GatewayError(
+      ErrorCodes.PROVIDER_CONNECT,
+      `TLS with the hub at ${endpoint} failed: ${err.message}; check settings.hostName and settings.ca`,
+      { retryable: false, cause: err, details: { tls: code || undefined } },
+    );
+  }
+  const hint =
+    code === 'ENOTFOUND' || code === 'EAI_AGAIN'
+      ? 'settings.hostName'
+      : 'settings.hostName, settings.address and settings.port';
+  return new GatewayError(
+    ErrorCodes.PROVIDER_CONNECT,
+    `cannot reach the hub at ${endpoint}: ${err.message}; check ${hint}`,
+    {
+      retryable: true,
+      cause: err,
+      details: { network: code || undefined },
+    },
+  );
 }
 
 /** A command name that is one local topic level. */
