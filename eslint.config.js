@@ -38,11 +38,7 @@ const layers = {
   'src/store/**': [UP.gateway, UP.providers, UP.commands],
   'src/common/**': [UP.gateway, UP.providers, UP.store, UP.commands],
   'src/config/**': [UP.gateway, UP.providersExceptSettings, UP.store, UP.commands],
-  'src/providers/**': [
-    UP.gateway,
-    UP.commands,
-    // UP.store: added once the deprecated context.activity is gone (issue 10, item 5).
-  ],
+  'src/providers/**': [UP.gateway, UP.commands, UP.store],
 };
 
 export default tseslint.config(

@@ -5,7 +5,9 @@ import {
   type OperationContext,
   type SyncDirection,
 } from '../gateway/operations.js';
+import { createProviderContext } from '../gateway/provider-context.js';
 import { createProvider } from '../providers/registry.js';
+import { createReportedState } from '../store/reported-state.js';
 import {
   EXIT_FAILURE,
   EXIT_OK,
@@ -32,7 +34,20 @@ async function withIntegration<T>(
   const integration = findIntegration(loaded, name);
   const logger = commandLogger(loaded);
   const { store, activity } = openStoreForCommand(loaded, logger);
-  const provider = createProvider({ gatewayId: loaded.config.gateway.id, integration, logger, activity });
+  // Read once from the store: what the daemon last wrote (this process merges nothing).
+  const reported = createReportedState({ db: store.db, logger });
+  const provider = createProvider(
+    createProviderContext({
+      gatewayId: loaded.config.gateway.id,
+      integration,
+      logger,
+      activity,
+      knownDevices: () => [
+        ...new Set([...loaded.config.broker.devices.map((d) => d.id), ...reported.all().keys()]),
+      ],
+      reportedState: () => reported.all(),
+    }),
+  );
   try {
     return await run({ provider, integration, activity, logger, signal: AbortSignal.timeout(OP_TIMEOUT_MS) });
   } finally {

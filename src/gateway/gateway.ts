@@ -5,6 +5,7 @@ import { providerRegistry, type ProviderFactories } from '../providers/registry.
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
 import { openStore, type Store } from '../store/database.js';
 import { createOutbox } from '../store/outbox.js';
+import { createReportedState, type ReportedState } from '../store/reported-state.js';
 import type { Outbox } from '../store/outbox-types.js';
 import type { Replicator } from '../store/replicator.js';
 import { createBroker, type Broker } from './broker/broker.js';
@@ -54,6 +55,8 @@ export interface Gateway {
 }
 
 const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
+/** Device ids seen connecting that knownDevices() remembers, at most. */
+const MAX_SEEN_DEVICES = 100_000;
 
 export function createGateway(options: GatewayOptions): Gateway {
   const { logger, configFile } = options;
@@ -66,7 +69,10 @@ export function createGateway(options: GatewayOptions): Gateway {
   let store: Store | undefined;
   let activity: ActivityLog | undefined;
   let outbox: Outbox | undefined;
+  let reportedState: ReportedState | undefined;
   let ingest: Ingest | undefined;
+  /** Device ids seen connecting since start, for providers' knownDevices(). */
+  const seenDevices = new Set<string>();
   let broker: Broker | undefined;
   let http: HttpServer | undefined;
   let replicator: Replicator | undefined;
@@ -129,9 +135,25 @@ export function createGateway(options: GatewayOptions): Gateway {
       activity,
       publishLocal: (message) => local.publish(message),
       logger,
+      knownDevices,
+      reportedState: () => reportedState?.all() ?? new Map(),
     });
     integrations.set(integration.id, runtime);
+    for (const device of local.connectedDevices()) runtime.tellPresence(device.id, true);
     runtime.start();
+  }
+
+  /** Configured device ids, and those seen connecting or reporting state. */
+  function knownDevices(): string[] {
+    const ids = new Set(config().broker.devices.map((d) => d.id));
+    for (const id of seenDevices) ids.add(id);
+    for (const id of reportedState?.all().keys() ?? []) ids.add(id);
+    return [...ids];
+  }
+
+  function onPresence(deviceId: string, online: boolean): void {
+    if (online && seenDevices.size < MAX_SEEN_DEVICES) seenDevices.add(deviceId);
+    for (const runtime of integrations.values()) runtime.tellPresence(deviceId, online);
   }
 
   async function stopIntegration(runtime: IntegrationRuntime): Promise<void> {
@@ -176,10 +198,12 @@ export function createGateway(options: GatewayOptions): Gateway {
         activity,
         syncWal: store.syncWal,
       });
+      reportedState = createReportedState({ db: store.db, logger: logger.child({ component: 'state' }) });
       ingest = createIngest({
         outbox,
         logger: logger.child({ component: 'ingest' }),
         integrations: cfg.integrations,
+        reportedState,
       });
       const ingestRef = ingest;
       broker = createBroker({
@@ -189,6 +213,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         logger: logger.child({ component: 'broker' }),
         activity,
         ingest: (message) => ingestRef.accept(message),
+        onPresence,
       });
       stopWake = outbox.onEnqueue((ids) => {
         for (const id of ids) integrations.get(id)?.forwarder.wake();
@@ -276,6 +301,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('wake', () => stopWake?.());
     await step('alerts', () => stopAlerts?.());
     await step('outbox', () => outbox?.close());
+    await step('reported state', () => reportedState?.close());
     await step('activity', () =>
       activity?.record({
         activityType: 'gateway_stopped',

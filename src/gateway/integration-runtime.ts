@@ -6,6 +6,7 @@ import type { ActivityLog } from '../store/activity-log.js';
 import type { Outbox } from '../store/outbox-types.js';
 import { createConnectionSupervisor, type ConnectionSupervisor } from './delivery/connection-supervisor.js';
 import { createForwarder, type Forwarder } from './delivery/forwarder.js';
+import { createProviderContext } from './provider-context.js';
 import { runConnectionTest, runSync, type SyncDirection, type SyncOutcome } from './operations.js';
 import { scheduleJob, type ScheduledJob } from './schedules.js';
 
@@ -18,6 +19,10 @@ export interface IntegrationRuntimeOptions {
   /** Hands cloud → device traffic to the local broker. */
   publishLocal(message: InboundMessage): Promise<void>;
   logger: Logger;
+  /** The local device ids the gateway knows, for the provider's import. */
+  knownDevices?: () => readonly string[];
+  /** The latest reported state per device, for the provider's export. */
+  reportedState?: () => ReadonlyMap<string, Record<string, unknown>>;
 }
 
 /** One running integration: its provider, connection supervisor, forwarder and sync schedule. */
@@ -36,6 +41,8 @@ export interface IntegrationRuntime {
   stop(): Promise<void>;
   testConnection(): ReturnType<typeof runConnectionTest>;
   sync(direction: SyncDirection): Promise<SyncOutcome>;
+  /** Local presence: a device connected to (true) or left (false) the embedded broker. */
+  tellPresence(deviceId: string, online: boolean): void;
 }
 
 export function createIntegrationRuntime(options: IntegrationRuntimeOptions): IntegrationRuntime {
@@ -43,7 +50,14 @@ export function createIntegrationRuntime(options: IntegrationRuntimeOptions): In
   let config = options.integration;
   const log = logger.child({ component: 'integration', integrationId: config.id, integration: config.name });
   const provider = createProvider(
-    { gatewayId: options.gatewayId, integration: config, logger: log, activity },
+    createProviderContext({
+      gatewayId: options.gatewayId,
+      integration: config,
+      logger: log,
+      activity,
+      ...(options.knownDevices ? { knownDevices: options.knownDevices } : {}),
+      ...(options.reportedState ? { reportedState: options.reportedState } : {}),
+    }),
     options.providers,
   );
   provider.onCommand((message) => {
@@ -126,6 +140,13 @@ export function createIntegrationRuntime(options: IntegrationRuntimeOptions): In
     },
     sync(direction) {
       return runSync({ ...operation(), logger }, direction);
+    },
+    tellPresence(deviceId, online) {
+      try {
+        provider.onDevicePresence?.(deviceId, online);
+      } catch (err) {
+        log.error({ err, deviceId }, 'device_presence_failed');
+      }
     },
   };
 }

@@ -99,6 +99,8 @@ export function createGatewayStatus(sources: StatusSources): GatewayStatus {
       reconnects: runtime?.supervisor.reconnects ?? 0,
       delivered: runtime?.forwarder.delivered ?? 0,
       inflight: runtime?.forwarder.inflight ?? 0,
+      throttled: runtime?.forwarder.throttled ?? 0,
+      parkedDevices: runtime?.forwarder.parkedDevices().map((p) => p.deviceId) ?? [],
       queue: {
         depth: stats?.depth ?? 0,
         bytes: stats?.bytes ?? 0,

@@ -22,7 +22,7 @@
  *   subscribe rejects exactly once with GW_ERR_PROVIDER_NOT_CONNECTED (retryable) naming the
  *   reason; on `close()` with GW_ERR_PROVIDER_CLOSED (retryable) unless another reason is given.
  * - `link.subscribe({ filter: { qos, nl, rap, rh } })` resolves with the filters the server
- *   refused (SUBACK ≥ 0x80); a transport failure rejects.
+ *   refused (SUBACK ≥ 0x80); no SUBACK within `publishTimeoutMs` or a lost link rejects.
  * - `link.onMessage(handler)`: inbound PUBLISH packets (one handler; a later call replaces it;
  *   a handler that throws is logged, never breaks the link).
  * - `link.onLoss(handler)`: called once when the connection drops by itself (not after
@@ -79,7 +79,7 @@ export interface MqttLinkOptions {
   keepaliveMs?: number;
   /** ms to wait for CONNACK. Default 10 s. */
   connectTimeoutMs?: number;
-  /** ms a publish waits for its PUBACK. Default 30 s. */
+  /** ms a publish waits for its PUBACK, a subscribe for its SUBACK. Default 30 s. */
   publishTimeoutMs?: number;
   /** How long a publish refused with 0x97 (quota exceeded) waits before the next try. Default 1 s. */
   quotaRetryAfterMs?: number;
@@ -180,7 +180,7 @@ const CONNACK_REASONS: Record<number, { text: string; auth?: true; transient?: t
 
 interface Pending {
   fail(err: GatewayError): void;
-  /** performance.now() after which a publish counts as unacknowledged; Infinity for subscribes */
+  /** performance.now() after which a publish or subscribe counts as unacknowledged */
   deadline: number;
   topic: string;
 }
@@ -460,7 +460,7 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
     subscribe(filters) {
       if (state !== 'up' || !client.connected) return Promise.reject(unavailable());
       const topics = Object.keys(filters).join(', ');
-      return track<{ refused: string[] }>(topics, Infinity, (settle) => {
+      return track<{ refused: string[] }>(topics, performance.now() + publishTimeoutMs, (settle) => {
         const names = Object.keys(filters);
         client.subscribe(filters as ISubscriptionMap, (err, granted) => {
           // mqtt.js reports a SUBACK that refuses any filter as an error carrying the packet.

@@ -1,7 +1,6 @@
 import type { IntegrationConfig } from '../config/schema.js';
 import { ErrorCodes, GatewayError } from '../errors.js';
 import type { Logger } from '../logger.js';
-import type { ActivityLog } from '../store/activity-log.js';
 import type { OutboundMessage } from '../common/outbound-message.js';
 
 export type { OutboundMessage };
@@ -51,11 +50,9 @@ export interface ProviderContext {
   /** Child logger carrying `component` and `integrationId`. */
   logger: Logger;
   /**
-   * @deprecated providers report through `report`; removed once every provider has moved
-   * (the provider platform issue: providers do not import store/).
+   * Records a provider event as an activity row of this integration. Never throws. Providers
+   * report through it (they do not import src/store/); absent in some unit tests.
    */
-  activity?: ActivityLog;
-  /** Records a provider event as an activity row. Never throws. */
   report?(event: ProviderEvent): void;
   /** The local device ids the gateway knows (configured and seen), for import matching. */
   knownDevices?(): readonly string[];
@@ -81,10 +78,16 @@ export interface ProviderLimits {
  *   one device when `deviceId` is given, else the whole link;
  * - GW_ERR_PROVIDER_DEVICE_UNAVAILABLE (`deviceUnavailable()`): park that device's rows only,
  *   for `retryAfterMs`; the other devices keep flowing; no attempt counted;
+ * - GW_ERR_PROVIDER_NOT_CONNECTED: the link is gone (a publish before connect, or pending
+ *   when the link is lost); the rows are sent again after the reconnect;
  * - any other retryable error: try again later, counted as an attempt.
  * `onDisconnect` with GW_ERR_PROVIDER_PLANNED_RECONNECT (`plannedReconnect()`) is a replacement
  * of the link the provider chose (credential renewal): the supervisor reconnects at once (after
- * `limits.minReconnectDelayMs`), and in-flight rows go back to the queue uncounted.
+ * `limits.minReconnectDelayMs`), and in-flight rows go back to the queue uncounted. Publishes
+ * still pending then either settle (acknowledged on the old link) or reject with that same
+ * planned error, never with GW_ERR_PROVIDER_NOT_CONNECTED (which may count an attempt).
+ *
+ * test/providers/contract.ts checks these promises; every provider runs it.
  */
 export interface Provider {
   /** Opens the streaming connection; resolves once the cloud accepted it (CONNACK). */

@@ -113,4 +113,12 @@ export const LOCAL_MIGRATIONS: readonly string[] = [
   `
   DROP INDEX queue_messages_by_expiry;
   `,
+  // 5: each device's latest reported state (devices/{id}/state merged), which providers export.
+  `
+  CREATE TABLE device_state (
+    device_id  TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,    -- JSON object, the merge of every state message so far
+    updated_at INTEGER NOT NULL  -- ms since epoch
+  ) WITHOUT ROWID;
+  `,
 ];

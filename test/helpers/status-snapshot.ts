@@ -77,6 +77,8 @@ export function buildIntegration(
     reconnects: 1,
     delivered: 100,
     inflight: 2,
+    throttled: 5,
+    parkedDevices: ['child-3'],
     queue: {
       depth: 42,
       bytes: 4096,

@@ -28,6 +28,8 @@ describe('imports point down', () => {
     ['src/config/x.ts', "import { x } from '../providers/mqtt/mqtt-provider.js';"],
     ['src/providers/mqtt/x.ts', "import { x } from '../../gateway/delivery/forwarder.js';"],
     ['src/providers/x.ts', "export { x } from '../gateway/gateway.js';"],
+    ['src/providers/x.ts', "import type { x } from '../store/activity-log.js';"],
+    ['src/providers/aws-iot/x.ts', "import { x } from '../../store/outbox.js';"],
   ])('%s may not %s', async (file, code) => {
     expect(await layeringErrors(file, code)).toHaveLength(1);
   });

@@ -1,12 +1,13 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { createBackoff } from '../../src/common/backoff.js';
-import { ErrorCodes, GatewayError } from '../../src/errors.js';
+import { ErrorCodes } from '../../src/errors.js';
 import {
   createDeviceLinkPool,
   type DeviceLinkPool,
   type DeviceLinkPoolOptions,
 } from '../../src/providers/device-link-pool.js';
 import { waitUntil } from '../helpers/raw-mqtt.js';
+import { rejection } from '../helpers/rejection.js';
 
 /** A fake link: the pool's injected dependency, a plain object that says whether it is open. */
 interface FakeLink {
@@ -60,16 +61,6 @@ function makePool(
   const pool = createDeviceLinkPool<FakeLink>({ open: cloud.open, close: cloud.close, ...options });
   pools.push(pool);
   return pool;
-}
-
-async function rejection(p: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('device link pool', () => {

@@ -2,7 +2,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createBackoff } from '../../src/common/backoff.js';
-import { ErrorCodes, GatewayError } from '../../src/errors.js';
+import { ErrorCodes } from '../../src/errors.js';
 import {
   createHttpClient,
   parseRetryAfter,
@@ -11,6 +11,7 @@ import {
 import type { ProviderEvent } from '../../src/providers/provider.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import { freePort } from '../helpers/ports.js';
+import { rejection } from '../helpers/rejection.js';
 
 interface Seen {
   method: string;
@@ -68,16 +69,6 @@ function client(baseUrl: string, logs: LogRecord[], extra: Partial<HttpClientOpt
     backoff: createBackoff({ baseMs: 20, maxMs: 50 }),
     ...extra,
   });
-}
-
-async function rejection(p: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('http client', () => {

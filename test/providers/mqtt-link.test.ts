@@ -11,6 +11,7 @@ import {
   type ScriptedMqttServer,
 } from '../helpers/scripted-mqtt.js';
 import { waitUntil } from '../helpers/raw-mqtt.js';
+import { rejection } from '../helpers/rejection.js';
 
 const MOSQUITTO = 'mqtt://127.0.0.1:1883';
 
@@ -44,16 +45,6 @@ async function open(options: Partial<MqttLinkOptions> & { url: string }, sig = s
   );
   cleanups.push(() => link.close());
   return link;
-}
-
-async function rejection(p: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('mqtt link', () => {
@@ -240,7 +231,7 @@ describe('mqtt link', () => {
     expect(losses).toHaveLength(0);
   });
 
-  it('subscribe returns the filters the server refused; the link stays up', async () => {
+  it('subscribe returns the filters the server refused, the link stays up; no SUBACK is a timeout', async () => {
     const s = await server({
       suback: (sub) => sub.subscriptions.map((x) => (x.topic.startsWith('no/') ? 0x80 : 1)),
     });
@@ -256,6 +247,11 @@ describe('mqtt link', () => {
     await waitUntil(() => got.length === 2);
     expect(link.connected).toBe(true);
     expect(logs.some((l) => l.msg === 'message_handler_failed')).toBe(true);
+
+    const silent = await server({ suback: () => null });
+    const unanswered = await open({ url: `mqtt://127.0.0.1:${silent.port}`, publishTimeoutMs: 300 });
+    const err = await rejection(unanswered.subscribe({ 'yes/a': { qos: 1 } }));
+    expect([err.code, err.retryable]).toEqual([ErrorCodes.PROVIDER_TIMEOUT, true]);
   });
 
   it('offers ALPN and SNI and presents the client certificate from files; a missing file is named', async () => {

@@ -67,7 +67,7 @@ function makeProvider(settings: Record<string, unknown>, label = 'upstream'): Pr
       },
     }),
   }).child({ component: 'integration', integrationId: integration.id });
-  const provider = createProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
+  const provider = createProvider({ gatewayId: 'gw-test', integration, logger });
   h.cleanups.push(() => provider.close());
   return provider;
 }
@@ -221,7 +221,6 @@ describe('mqtt provider', () => {
           gatewayId: 'gw-test',
           integration: { ...integration, type: 'golioth' },
           logger: createLogger({ level: 'silent', gatewayId: 'gw-test' }),
-          activity: h.activity,
         });
       } catch (e) {
         return e as GatewayError;

@@ -6,22 +6,13 @@ import { openMqttLink } from '../../src/providers/mqtt-link.js';
 import { createRequestTracker } from '../../src/providers/request-tracker.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
 import { waitUntil } from '../helpers/raw-mqtt.js';
+import { rejection } from '../helpers/rejection.js';
 
 let cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
   for (const fn of cleanups.reverse()) await fn();
   cleanups = [];
 });
-
-async function rejection(p: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected a rejection');
-}
 
 /** Records what was sent, so a test answers requests the way a cloud would. */
 function recorder() {

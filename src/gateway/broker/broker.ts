@@ -57,6 +57,12 @@ export interface BrokerOptions {
    * aedes closes that connection (default 30 s); other devices are served meanwhile.
    */
   drainTimeoutMs?: number;
+  /**
+   * Local presence, by device id (the id its rows carry): a client finished its CONNECT (true)
+   * or its current session ended (false). A takeover by the same client id may report offline
+   * then online; a session that ends after a newer one took its place reports nothing.
+   */
+  onPresence?: (deviceId: string, online: boolean) => void;
 }
 
 export interface BrokerStats {
@@ -445,15 +451,28 @@ export function createBroker(options: BrokerOptions): Broker {
     },
   });
 
+  const presence = (session: Session, online: boolean) => {
+    try {
+      options.onPresence?.(session.identity.id, online);
+    } catch (err) {
+      logger.error({ err, clientId: session.client.id }, 'presence_listener_failed');
+    }
+  };
+
   aedes.on('clientReady', (client) => {
     const session = sessions.get(client);
     if (!session) return;
     session.connectedAt = Date.now();
     connected.set(client.id, session);
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
+    presence(session, true);
   });
   aedes.on('clientDisconnect', (client) => {
-    if (connected.get(client.id)?.client === client) connected.delete(client.id);
+    const current = connected.get(client.id);
+    if (current?.client === client) {
+      connected.delete(client.id);
+      presence(current, false);
+    }
     const identity = sessions.get(client)?.identity;
     if (identity?.kind === 'device' && identity.method === 'password') auth.sessionEnded(identity.id);
     logger.info({ clientId: client.id }, 'device_disconnected');

@@ -15,8 +15,12 @@ export interface ConnectionSupervisor {
   readonly lastError: { code: string; message: string; at: number } | null;
   /** Times the link came back after it had been up once. */
   readonly reconnects: number;
-  /** Listeners run synchronously on every change; one that throws cannot break the supervisor. */
-  onStateChange(listener: (state: SupervisorState) => void): () => void;
+  /**
+   * Listeners run synchronously on every change; one that throws cannot break the supervisor.
+   * `cause` is the error that ended the link when it was lost (a planned reconnect carries
+   * GW_ERR_PROVIDER_PLANNED_RECONNECT), absent otherwise.
+   */
+  onStateChange(listener: (state: SupervisorState, cause?: Error) => void): () => void;
 }
 
 export interface ConnectionSupervisorOptions {
@@ -58,14 +62,16 @@ export function createConnectionSupervisor(options: ConnectionSupervisorOptions)
   /** Resolves the wait for the current link to drop. */
   let linkLost: ((error: Error) => void) | undefined;
   let lostBeforeWait: Error | undefined;
-  const listeners = new Set<(state: SupervisorState) => void>();
+  const listeners = new Set<(state: SupervisorState, cause?: Error) => void>();
+  /** performance.now() of the last connect attempt, for the provider's minReconnectDelayMs. */
+  let lastAttemptAt: number | undefined;
 
-  const setState = (next: SupervisorState) => {
+  const setState = (next: SupervisorState, cause?: Error) => {
     if (state === next) return;
     state = next;
     for (const listener of listeners) {
       try {
-        listener(next);
+        listener(next, cause);
       } catch (err) {
         logger.error({ err }, 'state_listener_failed');
       }
@@ -99,6 +105,7 @@ export function createConnectionSupervisor(options: ConnectionSupervisorOptions)
     while (!signal.aborted) {
       setState('connecting');
       const started = now();
+      lastAttemptAt = performance.now();
       try {
         lostBeforeWait = undefined;
         await provider.connect(signal);
@@ -154,6 +161,20 @@ export function createConnectionSupervisor(options: ConnectionSupervisorOptions)
       if (lost === undefined || signal.aborted) break;
 
       const e = toGatewayError(lost, ErrorCodes.PROVIDER_CONNECT);
+      if (e.code === ErrorCodes.PROVIDER_PLANNED_RECONNECT) {
+        // The provider replaces its link on purpose (credential renewal): no failure, no
+        // backoff, the attempt counter untouched; only the cloud's minimum delay applies.
+        logger.info({ reason: e.details?.reason, upForMs: upFor }, 'planned_reconnect');
+        activity.record({
+          integrationId,
+          activityType: 'reconnect',
+          direction: 'internal',
+          status: 'success',
+          metadata: { reason: e.details?.reason ?? e.message, upForMs: upFor },
+        });
+        await wait(0, signal, e);
+        continue;
+      }
       lastError = { code: e.code, message: e.message, at: now() };
       if (upFor >= stableAfterMs) attempt = 0;
       attempt++;
@@ -167,14 +188,25 @@ export function createConnectionSupervisor(options: ConnectionSupervisorOptions)
         errorMessage: e.message,
         metadata: { upForMs: upFor, attempt },
       });
-      await wait(attempt, signal);
+      await wait(attempt, signal, e);
     }
   }
 
-  async function wait(attempt: number, signal: AbortSignal): Promise<void> {
+  /**
+   * Waits before the next attempt: the backoff of `attempt` (none for 0), and at least the
+   * provider's minReconnectDelayMs since the previous attempt began (AWS refuses a CONNECT of the
+   * same client id sooner than one second after the last).
+   */
+  async function wait(attempt: number, signal: AbortSignal, cause?: Error): Promise<void> {
     if (signal.aborted) return;
-    const delayMs = backoff.delay(attempt - 1);
-    setState('backoff');
+    const minDelayMs = provider.limits?.minReconnectDelayMs ?? 0;
+    const sinceLast = lastAttemptAt === undefined ? Infinity : performance.now() - lastAttemptAt;
+    const delayMs = Math.max(
+      attempt > 0 ? backoff.delay(attempt - 1) : 0,
+      Math.ceil(minDelayMs - sinceLast),
+      0,
+    );
+    setState('backoff', cause);
     logger.info({ attempt, delayMs }, 'retry_attempt');
     await sleep(delayMs, signal);
   }

@@ -1,11 +1,12 @@
-import { ErrorCodes, errorMessage, toGatewayError, type GatewayError } from '../../errors.js';
+import { ErrorCodes, errorMessage, isGatewayError, toGatewayError, type GatewayError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import type { OutboundMessage, Provider } from '../../providers/provider.js';
 import type { ActivityLog } from '../../store/activity-log.js';
 import type { Outbox } from '../../store/outbox-types.js';
 import { createBackoff, type Backoff } from '../../common/backoff.js';
 import type { ConnectionSupervisor } from './connection-supervisor.js';
-import { createRateLimiter } from '../../common/rate-limiter.js';
+import { createQuotaLimiter } from '../../common/quota-limiter.js';
+import { createRateLimiter, type RateLimiter } from '../../common/rate-limiter.js';
 
 export interface Forwarder {
   start(): void;
@@ -14,6 +15,10 @@ export interface Forwarder {
   readonly inflight: number;
   readonly delivered: number;
   readonly lastAckAt: number | null;
+  /** Publishes the cloud refused as throttled since start (waited for, never counted). */
+  readonly throttled: number;
+  /** Devices whose rows wait because their cloud link failed or is throttled, until when (ms). */
+  parkedDevices(): { deviceId: string; until: number }[];
   /** New rows were committed (wire to outbox.onEnqueue). */
   wake(): void;
   setLimits(queue: ForwarderLimits): void;
@@ -56,6 +61,17 @@ const DELIVER_REPORT_MS = 10_000;
 const POLL_MS = 1000;
 /** Rows one draw may read past without finding one to send, before yielding the event loop. */
 const SCAN_BUDGET = 5000;
+/** Rows drawn but waiting for their device's share of a per-device publish rate, at most. */
+const MAX_DEVICE_WAITING = 1000;
+/** Per-device rate buckets kept at most; idle ones are forgotten beyond this. */
+const MAX_DEVICE_LIMITERS = 10_000;
+/** Bounds on a provider's retryAfterMs: a missing or silly value must not stall or spin. */
+const MIN_RETRY_AFTER_MS = 10;
+const MAX_RETRY_AFTER_MS = 10 * 60_000;
+const DEFAULT_RETRY_AFTER_MS = 1000;
+
+/** A device's answer to a cloud command: sent at once, not behind its telemetry backlog. */
+const COMMAND_RESPONSE = /^devices\/[^/]+\/commands\/[^/]+\/response$/;
 
 /** One reading position in the queue with a read-ahead buffer. */
 interface Cursor {
@@ -90,6 +106,16 @@ interface Cursor {
  * up to the newest in flight are sent one at a time (probing), where the bad one is caught
  * alone. An ordinary outage loses the link once and costs no probing. A row that reaches
  * maxAttempts is dead-lettered.
+ *
+ * Provider signals (provider.ts) are not failures and count no attempt: a link-wide throttle
+ * pauses sending for retryAfterMs; a throttle or failure scoped to one device parks that device
+ * (its rows are passed over, the others keep flowing) until retryAfterMs. Both end with a rewind:
+ * once the rows in flight settled, reading starts again from the oldest queued row, so the
+ * refused rows go out again in order (rows of the device already in flight when it failed may
+ * arrive before them). Command responses of a device with a backlog are sent by the live cursor
+ * at once. A planned reconnect of the provider forgets the in-flight set without blame.
+ * Publish rates: the config's `rate` (a token bucket) and the provider's maxPublishRate (a hard
+ * quota per connection, or per device) both apply.
  */
 export function createForwarder(options: ForwarderOptions): Forwarder {
   const { outbox, provider, supervisor, integrationId, activity } = options;
@@ -99,6 +125,28 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
   const retryBackoff = options.retryBackoff ?? createBackoff({ baseMs: 1000, maxMs: 30_000 });
   let limits: ForwarderLimits = { ...options.queue };
   const limiter = createRateLimiter({ rate: limits.rate });
+  /** The provider's own per-connection quota; 0 (unlimited) when it declares none. */
+  const quota = createQuotaLimiter({ rate: 0 });
+  /** The provider's per-device quota and the rows drawn that wait for it, per device. */
+  let deviceRate = 0;
+  const deviceQuotas = new Map<string, RateLimiter>();
+  const waiting = new Map<string, OutboundMessage[]>();
+  let waitingRows = 0;
+  /** Devices parked by a device-scoped throttle or failure, until when (ms since epoch). */
+  const parked = new Map<string, number>();
+  /** Devices parked and not delivered since: parking them again writes no activity row. */
+  const stuck = new Set<string>();
+  /** No sending before this (ms since epoch): a link-wide throttle. */
+  let pausedUntil = 0;
+  /** Read again from the oldest queued row once the in-flight set settled. */
+  let rewind = false;
+  /**
+   * After a rewind for a throttle or a park: one row at a time until the cloud takes one, so a
+   * throttle that is still on refuses one row, not a window whose later rows it might accept.
+   */
+  let cautious = false;
+  let unparkTimer: NodeJS.Timeout | undefined;
+  let throttledCount = 0;
 
   let running = false;
   let stopping = false;
@@ -144,7 +192,10 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     if (!running || stopping || supervisor.state !== 'connected') return;
     epoch++;
     active = true;
+    rewind = false;
     inflight.clear();
+    clearWaiting();
+    applyProviderLimits();
     backlogMax = new Map();
     pinned = new Set();
     watermark = 0;
@@ -186,10 +237,40 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       } else suspect = oldest;
     }
     inflight.clear();
+    clearWaiting();
     backlog = undefined;
     live = { readTo: 0, drawn: 0, buffer: [] };
     flushAcks();
     drainWaiter?.();
+  }
+
+  function clearWaiting(): void {
+    waiting.clear();
+    waitingRows = 0;
+  }
+
+  /** The provider's limits can change with its link (a CONNACK announces them): read at each epoch. */
+  function applyProviderLimits(): void {
+    const declared = provider.limits?.maxPublishRate;
+    quota.setRate(declared?.scope === 'connection' ? declared.perSecond : 0);
+    const perDevice = declared?.scope === 'device' ? declared.perSecond : 0;
+    if (perDevice !== deviceRate) {
+      deviceRate = perDevice;
+      deviceQuotas.clear();
+    }
+  }
+
+  function deviceQuota(deviceId: string): RateLimiter {
+    let q = deviceQuotas.get(deviceId);
+    if (q === undefined) {
+      if (deviceQuotas.size >= MAX_DEVICE_LIMITERS) {
+        for (const [id, old] of deviceQuotas)
+          if (old.peek() === 0 && !waiting.has(id)) deviceQuotas.delete(id);
+      }
+      q = createQuotaLimiter({ rate: deviceRate });
+      deviceQuotas.set(deviceId, q);
+    }
+    return q;
   }
 
   function refill(cursor: Cursor): boolean {
@@ -216,7 +297,10 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       const row = cursor.buffer.shift()!;
       budget.rows--;
       cursor.drawn = row.id;
-      if (row.id <= watermark || pinned.has(row.deviceId)) return row;
+      if (parked.has(row.deviceId)) continue; // sent after the device's park, by a rewind
+      if (row.id <= watermark) return row;
+      // A newer command response goes by the live cursor even for a pinned device (fast lane).
+      if (pinned.has(row.deviceId) && !COMMAND_RESPONSE.test(row.topic)) return row;
       // A newer row of a device that is not pinned: the live cursor sends it.
     }
     return undefined;
@@ -228,6 +312,8 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       const row = live.buffer.shift()!;
       budget.rows--;
       live.drawn = row.id;
+      if (parked.has(row.deviceId)) continue;
+      if (COMMAND_RESPONSE.test(row.topic)) return row;
       if (pinned.has(row.deviceId)) continue;
       const lastBacklogId = backlogMax.get(row.deviceId);
       if (backlog !== undefined && lastBacklogId !== undefined && backlog.drawn < lastBacklogId) {
@@ -264,40 +350,89 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
 
   function pumpOnce(): void {
     if (!active || stopping || pumpTimer !== undefined) return;
-    const window = probeTo > 0 ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
+    const t = now();
+    if (t < pausedUntil) return pumpLater(pausedUntil - t);
+    if (rewind) {
+      if (inflight.size > 0) return; // the last settle pumps again
+      flushAcks();
+      active = false;
+      beginEpoch();
+      cautious = true;
+      return;
+    }
+    const window = probeTo > 0 || cautious ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
     const budget = { rows: SCAN_BUDGET };
     while (active && inflight.size < window) {
-      const wait = limiter.peek();
-      if (wait > 0) {
-        pumpTimer = setTimeout(() => {
-          pumpTimer = undefined;
-          pump();
-        }, wait);
-        return;
-      }
-      let row: OutboundMessage | undefined;
-      try {
-        row = draw(budget);
-      } catch (err) {
-        logger.error({ err }, 'queue_read_failed');
-        return;
-      }
+      const wait = Math.max(limiter.peek(), quota.peek());
+      if (wait > 0) return pumpLater(wait);
+      let row = takeWaiting();
       if (row === undefined) {
-        if (budget.rows <= 0) setImmediate(pump);
-        return;
-      }
-      if (row.attempts >= limits.maxAttempts) {
-        const cause = lastFailure.get(row.id);
-        deadLetter(
-          row,
-          cause?.code ?? ErrorCodes.PROVIDER_REJECTED,
-          `gave up after ${row.attempts} delivery attempts${cause ? `: ${cause.message}` : ''}`,
-        );
-        continue;
+        if (waitingRows >= MAX_DEVICE_WAITING) return pumpLater(nextWaitingDue());
+        try {
+          row = draw(budget);
+        } catch (err) {
+          logger.error({ err }, 'queue_read_failed');
+          return;
+        }
+        if (row === undefined) {
+          if (budget.rows <= 0) setImmediate(pump);
+          else if (waitingRows > 0) pumpLater(nextWaitingDue());
+          return;
+        }
+        if (row.attempts >= limits.maxAttempts) {
+          const cause = lastFailure.get(row.id);
+          deadLetter(
+            row,
+            cause?.code ?? ErrorCodes.PROVIDER_REJECTED,
+            `gave up after ${row.attempts} delivery attempts${cause ? `: ${cause.message}` : ''}`,
+          );
+          continue;
+        }
+        if (deviceRate > 0) {
+          const queued = waiting.get(row.deviceId);
+          // Behind the device's waiting rows, or over its quota: wait in order, others go on.
+          if (queued !== undefined || deviceQuota(row.deviceId).peek() > 0) {
+            if (queued === undefined) waiting.set(row.deviceId, [row]);
+            else queued.push(row);
+            waitingRows++;
+            continue;
+          }
+        }
       }
       limiter.take();
+      quota.take();
+      if (deviceRate > 0) deviceQuota(row.deviceId).take();
       send(row);
     }
+  }
+
+  function pumpLater(ms: number): void {
+    pumpTimer = setTimeout(
+      () => {
+        pumpTimer = undefined;
+        pump();
+      },
+      Math.max(1, ms),
+    );
+  }
+
+  /** The oldest waiting row of the first device whose quota allows a publish now. */
+  function takeWaiting(): OutboundMessage | undefined {
+    if (waitingRows === 0) return undefined;
+    for (const [deviceId, rows] of waiting) {
+      if (deviceQuota(deviceId).peek() > 0) continue;
+      const row = rows.shift()!;
+      if (rows.length === 0) waiting.delete(deviceId);
+      waitingRows--;
+      return row;
+    }
+    return undefined;
+  }
+
+  function nextWaitingDue(): number {
+    let due = Infinity;
+    for (const deviceId of waiting.keys()) due = Math.min(due, deviceQuota(deviceId).peek());
+    return due === Infinity ? POLL_MS : due;
   }
 
   function send(row: OutboundMessage): void {
@@ -317,11 +452,15 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
 
   function onAcked(row: OutboundMessage, sentIn: number): void {
     // A late ack of an older epoch still means the cloud has the row: delete it.
-    if (sentIn === epoch) inflight.delete(row.id);
+    if (sentIn === epoch) {
+      inflight.delete(row.id);
+      cautious = false;
+    }
     consecutiveFailures = 0;
     if (row.id >= probeTo) probeTo = 0; // past every row that was in flight at the loss
     if (row.id === suspect) suspect = 0;
     lastFailure.delete(row.id);
+    if (stuck.size > 0) stuck.delete(row.deviceId);
     delivered++;
     lastAckAt = now();
     if (report.count === 0) report = { count: 0, bytes: 0, fromId: row.id, toId: row.id, since: now() };
@@ -339,6 +478,22 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
   function onFailed(row: OutboundMessage, err: GatewayError, sentIn: number): void {
     if (sentIn !== epoch) return; // resent (or to be resent) from the queue in a later epoch
     inflight.delete(row.id);
+    if (err.code === ErrorCodes.PROVIDER_THROTTLED || err.code === ErrorCodes.PROVIDER_DEVICE_UNAVAILABLE) {
+      // Not a failure: no attempt, never a dead letter. The row is sent again after a rewind.
+      const retryAfterMs = retryAfter(err);
+      const deviceId =
+        typeof err.details?.deviceId === 'string'
+          ? err.details.deviceId
+          : err.code === ErrorCodes.PROVIDER_DEVICE_UNAVAILABLE
+            ? row.deviceId
+            : undefined;
+      if (err.code === ErrorCodes.PROVIDER_THROTTLED) throttledCount++;
+      if (deviceId === undefined) pause(retryAfterMs, err, row);
+      else park(deviceId, retryAfterMs, err, row);
+      if (inflight.size === 0) drainWaiter?.();
+      pump();
+      return;
+    }
     lastFailure.set(row.id, { code: err.code, message: err.message });
     if (lastFailure.size > 10_000) lastFailure.delete(lastFailure.keys().next().value!);
 
@@ -349,8 +504,13 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       pump();
       return;
     }
-    if (err.code === ErrorCodes.PROVIDER_NOT_CONNECTED || err.code === ErrorCodes.PROVIDER_CLOSED) {
+    if (
+      err.code === ErrorCodes.PROVIDER_NOT_CONNECTED ||
+      err.code === ErrorCodes.PROVIDER_CLOSED ||
+      err.code === ErrorCodes.PROVIDER_PLANNED_RECONNECT
+    ) {
       // The link is gone; the supervisor reconnects and the next epoch resends from the queue.
+      // A planned replacement blames no row.
       inflight.set(row.id, row);
       halt(err.code === ErrorCodes.PROVIDER_NOT_CONNECTED);
       // Should the supervisor not notice (the provider refused, yet the link looks up), resume anyway.
@@ -376,6 +536,80 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     });
     halt(false);
     scheduleRetry(delayMs);
+  }
+
+  function retryAfter(err: GatewayError): number {
+    const ms = err.details?.retryAfterMs;
+    if (typeof ms !== 'number' || !Number.isFinite(ms)) return DEFAULT_RETRY_AFTER_MS;
+    return Math.min(MAX_RETRY_AFTER_MS, Math.max(MIN_RETRY_AFTER_MS, ms));
+  }
+
+  /** A link-wide throttle: nothing is sent until it ends, then the queue is read again. */
+  function pause(retryAfterMs: number, err: GatewayError, row: OutboundMessage): void {
+    const wasPaused = now() < pausedUntil;
+    pausedUntil = Math.max(pausedUntil, now() + retryAfterMs);
+    rewind = true;
+    const fields = { code: err.code, messageId: row.id, retryAfterMs };
+    if (wasPaused) logger.debug(fields, 'deliver_throttled');
+    else logger.info(fields, 'deliver_throttled');
+  }
+
+  /** One device's rows wait until `retryAfterMs`; the others keep flowing. */
+  function park(deviceId: string, retryAfterMs: number, err: GatewayError, row: OutboundMessage): void {
+    const until = now() + retryAfterMs;
+    const wasParked = parked.has(deviceId);
+    parked.set(deviceId, Math.max(parked.get(deviceId) ?? 0, until));
+    // Its rows already drawn and waiting for a device quota go back to the queue.
+    const queued = waiting.get(deviceId);
+    if (queued !== undefined) {
+      waitingRows -= queued.length;
+      waiting.delete(deviceId);
+    }
+    scheduleUnpark();
+    if (wasParked) return;
+    const fields = { deviceId, code: err.code, messageId: row.id, retryAfterMs };
+    if (err.code === ErrorCodes.PROVIDER_THROTTLED || stuck.has(deviceId)) {
+      logger.info(fields, 'device_parked');
+      return;
+    }
+    // A device link that fails is worth one activity row until the device delivers again.
+    stuck.add(deviceId);
+    logger.warn({ ...fields, err: err.message }, 'device_parked');
+    activity.record({
+      integrationId,
+      activityType: 'device_parked',
+      direction: 'outgoing',
+      status: 'error',
+      errorCode: err.code,
+      errorMessage: err.message,
+      metadata: { deviceId, messageId: row.id, retryAfterMs },
+    });
+  }
+
+  function scheduleUnpark(): void {
+    clearTimeout(unparkTimer);
+    unparkTimer = undefined;
+    if (parked.size === 0 || !running) return;
+    const first = Math.min(...parked.values());
+    unparkTimer = setTimeout(unpark, Math.max(1, first - now()));
+    unparkTimer.unref();
+  }
+
+  function unpark(): void {
+    unparkTimer = undefined;
+    const t = now();
+    let freed = 0;
+    for (const [deviceId, until] of parked) {
+      if (until > t) continue;
+      parked.delete(deviceId);
+      freed++;
+      logger.debug({ deviceId }, 'device_unparked');
+    }
+    scheduleUnpark();
+    if (freed === 0) return;
+    // Their rows were passed over: read the queue again from its oldest row.
+    rewind = true;
+    pump();
   }
 
   function scheduleRetry(delayMs: number): void {
@@ -424,13 +658,14 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     }
   }
 
-  function onState(state: string): void {
+  function onState(state: string, cause?: Error): void {
     if (state === 'connected') {
       clearTimeout(retryTimer);
       retryTimer = undefined;
       beginEpoch();
     } else {
-      halt(true);
+      const planned = isGatewayError(cause) && cause.code === ErrorCodes.PROVIDER_PLANNED_RECONNECT;
+      halt(!planned);
     }
   }
 
@@ -444,6 +679,12 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     get lastAckAt() {
       return lastAckAt;
     },
+    get throttled() {
+      return throttledCount;
+    },
+    parkedDevices() {
+      return [...parked].map(([deviceId, until]) => ({ deviceId, until }));
+    },
     start() {
       if (running) return;
       running = true;
@@ -453,6 +694,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       pollTimer.unref();
       reportTimer = setInterval(flushReport, DELIVER_REPORT_MS);
       reportTimer.unref();
+      scheduleUnpark();
       if (supervisor.state === 'connected') beginEpoch();
     },
     async stop() {
@@ -462,6 +704,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       unsubscribe = undefined;
       clearInterval(pollTimer);
       clearTimeout(retryTimer);
+      clearTimeout(unparkTimer);
       clearTimeout(pumpTimer);
       pumpTimer = undefined;
       if (inflight.size > 0 && active) {

@@ -9,6 +9,8 @@ export interface IngestOptions {
   outbox: Outbox;
   logger: Logger;
   integrations: readonly IntegrationConfig[];
+  /** Merges `devices/{id}/state` messages into each device's reported state (before routing). */
+  reportedState?: { merge(deviceId: string, payload: Buffer): boolean };
   now?: () => number;
 }
 
@@ -88,12 +90,22 @@ export function createIngest(options: IngestOptions): Ingest {
     failures.note('qos0', { err, message });
   };
 
+  /** The device of `devices/{id}/state` (the topic names it; a gateway client may speak for children). */
+  const noteState = (message: IncomingMessage) => {
+    const parts = message.topic.split('/');
+    if (parts.length !== 3 || parts[0] !== 'devices' || parts[2] !== 'state' || parts[1] === '') return;
+    if (!options.reportedState!.merge(parts[1]!, message.payload)) {
+      logger.debug({ topic: message.topic, deviceId: parts[1] }, 'state_not_json_object');
+    }
+  };
+
   return {
     get qos0Failures() {
       return qos0Failures;
     },
 
     accept(message) {
+      if (options.reportedState && message.topic.endsWith('/state')) noteState(message);
       const hits = routesFor(message.topic);
       if (hits.length === 0) return null;
       const targets: EnqueueTarget[] = new Array<EnqueueTarget>(hits.length);

@@ -171,6 +171,19 @@ export function createMetrics(options: MetricsOptions): Metrics {
     'Messages sent upstream and not yet acknowledged',
     (i) => i.inflight,
   );
+  integrationGauge(
+    'iot_gateway_parked_devices',
+    'Devices whose messages wait because their cloud link failed or is throttled',
+    (i) => i.parkedDevices.length,
+  );
+  snapshotCounter(
+    registry,
+    snap,
+    'iot_gateway_throttled_total',
+    'Publishes the cloud refused as throttled (retried after its wait, never failures)',
+    ['integration', 'type'],
+    (s) => s.integrations.map((i) => ({ labels: integrationLabels(i), value: i.throttled })),
+  );
   gauge(
     'iot_gateway_integration_last_ack_age_seconds',
     'Seconds since the last upstream acknowledgement (absent before the first)',

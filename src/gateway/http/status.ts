@@ -25,6 +25,10 @@ export interface IntegrationStatus {
   reconnects: number;
   delivered: number;
   inflight: number;
+  /** Publishes the cloud refused as throttled since start (waited for, never failures). */
+  throttled: number;
+  /** Devices whose rows wait because their cloud link failed or is throttled. */
+  parkedDevices: string[];
   queue: {
     depth: number;
     bytes: number;

@@ -212,8 +212,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
       errorMessage: failure ?? `the broker refused the subscriptions ${refused.join(', ')}`,
       metadata: { filters: Object.keys(map) },
     } as const;
-    if (context.report) context.report(event);
-    else context.activity?.record({ integrationId: context.integration.id, ...event });
+    context.report?.(event);
   }
 
   /** The local topic for a remote one: the first inbound rule whose filter matches. */

@@ -61,6 +61,7 @@ async function startBroker(
     ingest?: (m: IncomingMessage) => Promise<void> | null;
     retainedStatus?: boolean;
     drainTimeoutMs?: number;
+    onPresence?: (deviceId: string, online: boolean) => void;
   } = {},
 ): Promise<Harness> {
   const ingested: IncomingMessage[] = [];
@@ -69,6 +70,7 @@ async function startBroker(
     gatewayId: GATEWAY_ID,
     retainedStatus: options.retainedStatus ?? true,
     ...(options.drainTimeoutMs === undefined ? {} : { drainTimeoutMs: options.drainTimeoutMs }),
+    ...(options.onPresence === undefined ? {} : { onPresence: options.onPresence }),
     logger: createLogger({ level: 'silent', gatewayId: GATEWAY_ID }),
     activity,
     ingest: (m) => {
@@ -119,6 +121,35 @@ describe('broker', () => {
     expect(broker.stats.connections).toBe(1);
     await client.endAsync();
     await waitUntil(() => broker.connectedDevices().length === 0);
+  });
+
+  it('reports local presence: online at CONNACK, offline when the session ends, online again after a takeover', async () => {
+    const seen: string[] = [];
+    const { port } = await startBroker({
+      onPresence: (id, online) => {
+        seen.push(`${id}:${online ? 'on' : 'off'}`);
+        if (id === 'sensor-2') throw new Error('a listener that throws breaks nothing');
+      },
+    });
+    const url = `mqtt://127.0.0.1:${port}`;
+    const ones = () => seen.filter((s) => s.startsWith('sensor-1'));
+    const first = await device(url, 'sensor-1');
+    await waitUntil(() => seen.length === 1);
+    // The same client id again: the old session is taken over; the device ends up online.
+    const second = await device(url, 'sensor-1');
+    await waitUntil(() => !first.connected);
+    await waitUntil(() => ones().filter((s) => s === 'sensor-1:on').length === 2);
+    expect(ones().at(-1)).toBe('sensor-1:on');
+    const other = await device(url, 'sensor-2');
+    await other.endAsync();
+    await waitUntil(() => seen.includes('sensor-2:off'));
+    expect(ones().at(-1)).toBe('sensor-1:on');
+    await second.endAsync();
+    await waitUntil(() => ones().at(-1) === 'sensor-1:off');
+    // Never two offlines in a row: the replaced session reports at most the takeover's gap.
+    expect(ones().filter((s, i, all) => s === 'sensor-1:off' && all[i - 1] === 'sensor-1:off')).toEqual([]);
+    expect(seen.filter((s) => s.startsWith('sensor-2'))).toEqual(['sensor-2:on', 'sensor-2:off']);
+    first.end(true);
   });
 
   it('passes device publishes to ingest with the device id', async () => {

@@ -16,6 +16,7 @@ import { createMqttProvider } from '../../../src/providers/mqtt/mqtt-provider.js
 import { createActivityLog, type ActivityLog } from '../../../src/store/activity-log.js';
 import { openStore, type Store } from '../../../src/store/database.js';
 import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
+import { createFakeCloud, type FakeCloudOptions } from '../../providers/fake-provider.js';
 import { startTcpProxy } from '../../helpers/tcp-proxy.js';
 
 interface Harness {
@@ -65,7 +66,7 @@ function supervise(
     ],
   }).integrations[0]!;
   const logger = createCaptureLogger(h.logs).child({ integrationId: integration.id });
-  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger, activity: h.activity });
+  const provider = createMqttProvider({ gatewayId: 'gw-test', integration, logger });
   const supervisor = createConnectionSupervisor({
     provider,
     logger,
@@ -246,5 +247,56 @@ describe('connection supervisor', () => {
     proxy.setMode('pass');
     await until(() => supervisor.state === 'connected', 10_000);
     expect(supervisor.reconnects).toBe(1);
+  });
+
+  function superviseFake(options: FakeCloudOptions, backoffMs: number) {
+    const cloud = createFakeCloud(options);
+    const provider = cloud.factory(undefined as never);
+    const supervisor = createConnectionSupervisor({
+      provider,
+      logger: createCaptureLogger(h.logs),
+      activity: h.activity,
+      integrationId: h.integrationId,
+      backoff: createBackoff({ baseMs: backoffMs, maxMs: backoffMs, random: () => 0.999 }),
+    });
+    h.cleanups.push(() => supervisor.stop());
+    return { cloud, supervisor };
+  }
+
+  it("keeps the provider's minReconnectDelayMs between attempts, even when its backoff is shorter", async () => {
+    h = setUp();
+    const { cloud, supervisor } = superviseFake({ limits: { minReconnectDelayMs: 300 } }, 1);
+    cloud.refuseConnects();
+    supervisor.start();
+    await until(() => cloud.connectAttempts.length >= 4);
+    cloud.acceptConnects();
+    await until(() => supervisor.state === 'connected');
+    cloud.dropLink();
+    await until(() => supervisor.reconnects === 1 && supervisor.state === 'connected');
+    const gaps = cloud.connectAttempts.slice(1).map((t, i) => t - cloud.connectAttempts[i]!);
+    // Timers never fire early by more than a millisecond; a slow machine only widens the gaps.
+    for (const gap of gaps) expect(gap).toBeGreaterThanOrEqual(298);
+    expect(rows('connect', 'failed').length).toBeGreaterThanOrEqual(1);
+  });
+
+  it('a planned reconnect reconnects at once: no failure, no backoff, one internal success row', async () => {
+    h = setUp();
+    // Any failure would wait a minute; the planned one must not.
+    const { cloud, supervisor } = superviseFake({}, 60_000);
+    const causes: (string | undefined)[] = [];
+    supervisor.onStateChange((_s, cause) => causes.push((cause as { code?: string } | undefined)?.code));
+    supervisor.start();
+    await until(() => supervisor.state === 'connected');
+    cloud.plannedReconnect();
+    await until(() => supervisor.reconnects === 1 && supervisor.state === 'connected');
+    cloud.plannedReconnect();
+    await until(() => supervisor.reconnects === 2 && supervisor.state === 'connected');
+    expect(supervisor.lastError).toBeNull();
+    expect(rows('disconnect')).toEqual([]);
+    expect(rows('connect', 'failed')).toEqual([]);
+    const planned = rows('reconnect');
+    expect(planned).toHaveLength(2);
+    expect(planned[0]).toMatchObject({ direction: 'internal', status: 'success' });
+    expect(causes).toContain('GW_ERR_PROVIDER_PLANNED_RECONNECT');
   });
 });

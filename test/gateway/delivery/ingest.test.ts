@@ -9,6 +9,7 @@ import { createIngest, type Ingest } from '../../../src/gateway/delivery/ingest.
 import { createActivityLog } from '../../../src/store/activity-log.js';
 import { openStore, type Store } from '../../../src/store/database.js';
 import { createOutbox } from '../../../src/store/outbox.js';
+import { createReportedState } from '../../../src/store/reported-state.js';
 import type { IncomingMessage, Outbox } from '../../../src/store/outbox-types.js';
 import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
 
@@ -187,5 +188,25 @@ describe('ingest', () => {
     await ingest.accept(msg('plant/line-1/temp', 1));
     expect(ingest.accept(msg('devices/sensor-1/telemetry', 1))).toBeNull();
     expect(committedRows(store.file).map((r) => r.integration_id)).toEqual([OFF]);
+  });
+
+  it('merges devices/{id}/state into the reported state of the device the topic names, routed or not', async () => {
+    const logger = createCaptureLogger(logs, { gatewayId: 'gw-test' });
+    const state = createReportedState({ db: store.db, logger });
+    const withState = createIngest({
+      outbox,
+      logger,
+      integrations: integrations([{ id: TELEMETRY, routes: [{ from: 'devices/+/telemetry', qos: 1 }] }]),
+      reportedState: state,
+    });
+    expect(withState.accept(msg('devices/sensor-1/state', 1, '{"on":true,"level":3}'))).toBeNull();
+    withState.accept(msg('devices/child-7/state', 0, '{"level":9}'));
+    withState.accept(msg('devices/sensor-1/state', 1, '{"on":null}'));
+    withState.accept(msg('devices/sensor-1/state', 1, 'not json'));
+    withState.accept(msg('devices/sensor-1/state/extra', 1, '{"x":1}'));
+    await withState.accept(msg('devices/sensor-1/telemetry', 1, '{"t":1}'));
+    expect(Object.fromEntries(state.all())).toEqual({ 'sensor-1': { level: 3 }, 'child-7': { level: 9 } });
+    expect(logs.some((l) => l.msg === 'state_not_json_object')).toBe(true);
+    state.close();
   });
 });

@@ -218,6 +218,8 @@ describe('/metrics', () => {
     expect(m.get('iot_gateway_queue_oldest_age_seconds{integration="x",type="mqtt"}')).toBe(1.5);
     expect(m.get('iot_gateway_dead_letters{integration="x",type="mqtt"}')).toBe(4);
     expect(m.get('iot_gateway_inflight{integration="x",type="mqtt"}')).toBe(2);
+    expect(m.get('iot_gateway_parked_devices{integration="x",type="mqtt"}')).toBe(1);
+    expect(m.get('iot_gateway_throttled_total{integration="x",type="mqtt"}')).toBe(5);
     expect(m.get('iot_gateway_connections')).toBe(2);
     expect(m.get('iot_gateway_messages_in_total')).toBe(12_345);
     expect(m.get('iot_gateway_auth_failures_total')).toBe(3);
