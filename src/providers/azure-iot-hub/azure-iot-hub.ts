@@ -523,6 +523,13 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
     try {
       return await pool.use(state.id, fn);
     } catch (err) {
+      if (closed) throw closedError();
+      if (err instanceof GatewayError && err.details?.linkLost === true) {
+        // The link dropped under this row: the hub check started by the loss says whether the
+        // hub is gone (the row waits for the reconnect) or only this device's link (parked).
+        if (hubCheck) await hubCheck;
+        if (!connected) throw notConnected(`the hub at ${endpoint} is unreachable: ${err.message}`);
+      }
       throw scoped(state, err);
     }
   }

@@ -184,7 +184,7 @@ export async function openDeviceLink(options: DeviceLinkOptions, signal: AbortSi
       return new GatewayError(ErrorCodes.PROVIDER_DEVICE_UNAVAILABLE, err.message, {
         retryable: true,
         cause: err,
-        details: { deviceId },
+        details: { deviceId, linkLost: true },
       });
     }
     return err;

@@ -104,6 +104,8 @@ export interface AzureHubSim {
     payload: unknown,
     options?: { timeoutMs?: number },
   ): Promise<MethodResult>;
+  /** Withhold telemetry PUBACKs (the messages still count as received) until `holdAcks(false)`. */
+  holdAcks(on: boolean): void;
   /** Hub outage: every connection closes and new ones are refused until `outage(false)`. */
   outage(on: boolean): void;
   /**
@@ -181,6 +183,8 @@ export async function createAzureHubSim(options: AzureHubSimOptions): Promise<Az
   let connectLimit: number | undefined;
   let connectWindow = { start: 0, count: 0 };
   let serviceThrottle = 0;
+  let holding = false;
+  const heldAcks: (() => void)[] = [];
   let ridSeq = 0;
   let c2dSeq = 0;
 
@@ -446,7 +450,8 @@ export async function createAzureHubSim(options: AzureHubSimOptions): Promise<Az
       // §2.3: RETAIN is not stored; the message carries `mqtt-retain`.
       if (packet.retain) properties['mqtt-retain'] = 'true';
       telemetry.push({ deviceId, topic, properties, payload, qos: packet.qos });
-      ack();
+      if (holding) heldAcks.push(ack);
+      else ack();
       changed();
       return;
     }
@@ -832,6 +837,10 @@ export async function createAzureHubSim(options: AzureHubSimOptions): Promise<Az
           dup: false,
         });
       });
+    },
+    holdAcks(on) {
+      holding = on;
+      if (!on) for (const ack of heldAcks.splice(0)) ack();
     },
     outage(on) {
       down = on;
