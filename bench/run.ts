@@ -10,6 +10,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runAzureBench } from './azure.js';
+import { runBrokerStateBench } from './broker-state.js';
 import { runLatencyBench } from './latency.js';
 import { createProcessGroup, pin, pinDescription } from './lib/process.js';
 import { readSettings } from './lib/settings.js';
@@ -102,6 +103,7 @@ async function main(): Promise<number> {
     ['latency', () => runLatencyBench(ctx, settings)],
     ['rss', () => runRssBench(ctx, settings)],
     ['outage', () => runOutageBench(ctx, settings)],
+    ['broker-state', () => runBrokerStateBench(ctx, settings)],
     ['replication', () => runReplication(quiet)],
     ['azure', () => runAzureBench(ctx, settings)],
   ];

@@ -53,6 +53,11 @@ export interface HttpClientOptions {
   secretHeaders?: string[];
   /** One event per request when it ends; the caller turns it into an activity row. */
   report?: (event: ProviderEvent) => void;
+  /**
+   * The fetch to use; default the global one. A provider that must trust a private CA passes
+   * one with its own dispatcher (the global fetch of Node 20 takes no per-client CA).
+   */
+  fetch?: typeof fetch;
 }
 
 export interface HttpRequest {
@@ -134,7 +139,7 @@ export function createHttpClient(options: HttpClientOptions): HttpClient {
     const timeout = AbortSignal.timeout(timeoutMs);
     const combined = signal ? AbortSignal.any([signal, timeout]) : timeout;
     try {
-      const response = await fetch(url, { ...init, signal: combined });
+      const response = await (options.fetch ?? fetch)(url, { ...init, signal: combined });
       // The body is read under the same timeout: a server that stalls mid-body is a timeout too.
       const text = await response.text();
       return { kind: 'response', status: response.status, headers: response.headers, text };

@@ -1,5 +1,6 @@
 import { ErrorCodes, GatewayError } from '../errors.js';
 import { createAzureIotHubProvider } from './azure-iot-hub/azure-iot-hub.js';
+import { createGoliothProvider } from './golioth/golioth-provider.js';
 import { createMqttProvider } from './mqtt/mqtt-provider.js';
 import type { Provider, ProviderContext, ProviderFactory } from './provider.js';
 import type { AvailableType } from './settings.js';
@@ -16,6 +17,7 @@ export type ProviderFactories = Readonly<Partial<Record<string, ProviderFactory>
 export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   mqtt: createMqttProvider,
   'azure-iot-hub': createAzureIotHubProvider,
+  golioth: createGoliothProvider,
 };
 
 export function createProvider(
