@@ -1,5 +1,5 @@
 import type { z } from 'zod';
-import { azureIotHubSettingsSchema } from './azure-iot-hub/settings.js';
+import { azureIotHubSettingsSchema, azureRouteProblems } from './azure-iot-hub/settings.js';
 import { goliothRouteProblems, goliothSettingsSchema } from './golioth/settings.js';
 import { mqttSettingsSchema } from './mqtt/settings.js';
 
@@ -43,6 +43,10 @@ export const providerIntegrationChecks: Partial<
     ) => IntegrationProblem[]
   >
 > = {
+  'azure-iot-hub': (settings, routes, deviceIds) => {
+    const parsed = azureIotHubSettingsSchema.safeParse(settings);
+    return parsed.success ? azureRouteProblems(parsed.data, routes, deviceIds) : [];
+  },
   golioth: (settings, routes, deviceIds) => {
     // Settings that failed their own schema were reported already.
     const parsed = goliothSettingsSchema.safeParse(settings);

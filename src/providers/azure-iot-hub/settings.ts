@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { matchTopic } from '../../common/topic-match.js';
 import { parseDuration } from '../../config/units.js';
 import { parseSasToken } from './sas.js';
 
@@ -121,3 +122,52 @@ export const azureIotHubSettingsSchema = z
   });
 
 export type AzureIotHubSettings = z.output<typeof azureIotHubSettingsSchema>;
+
+export interface AzureRouteProblem {
+  /** Relative to the integration. */
+  path: (string | number)[];
+  message: string;
+}
+
+/**
+ * check-config: routes that queue nothing this provider can send (every row would be
+ * dead-lettered), and routed devices without a key or token when the keys are per device.
+ */
+export function azureRouteProblems(
+  settings: AzureIotHubSettings,
+  routes: readonly { from: string }[],
+  deviceIds: readonly string[],
+): AzureRouteProblem[] {
+  const problems: AzureRouteProblem[] = [];
+  const mapped = (id: string) => [
+    `devices/${id}/telemetry`,
+    `devices/${id}/telemetry/x`,
+    `devices/${id}/state`,
+    `devices/${id}/commands/x/response`,
+  ];
+  const routedIds = new Set<string>();
+  routes.forEach((route, i) => {
+    const probe = (id: string) => mapped(id).some((topic) => matchTopic(route.from, topic) !== null);
+    if (!probe('+any+') && !deviceIds.some(probe)) {
+      problems.push({
+        path: ['routes', i, 'from'],
+        message:
+          'this route matches nothing azure-iot-hub sends (devices/<id>/telemetry[/…], /state, /commands/<name>/response), so every row it queues would be dead-lettered: change or remove it',
+      });
+    }
+    for (const id of deviceIds) if (probe(id)) routedIds.add(id);
+  });
+  const auth = settings.auth;
+  const keyed =
+    auth.type === 'device-keys' ? auth.keys : auth.type === 'sas-tokens' ? auth.tokens : undefined;
+  if (keyed !== undefined) {
+    const missing = [...routedIds].filter((id) => keyed[id] === undefined).sort();
+    if (missing.length > 0) {
+      problems.push({
+        path: ['settings', 'auth', auth.type === 'device-keys' ? 'keys' : 'tokens'],
+        message: `${missing.join(', ')} ${missing.length === 1 ? 'is' : 'are'} routed to Azure IoT Hub but ${missing.length === 1 ? 'has' : 'have'} no ${auth.type === 'device-keys' ? 'key' : 'token'} here: add ${missing.length === 1 ? 'it' : 'them'}, or use a DeviceConnect policy`,
+      });
+    }
+  }
+  return problems;
+}

@@ -459,6 +459,32 @@ describe('authentication and settings', () => {
     expect(messages({ ...base, auth: { type: 'sas-tokens', tokens: { d: 'nope' } } })[0]).toMatch(
       /is not a SharedAccessSignature/,
     );
+
+    // Across settings, routes and the configured devices.
+    const withRoutes = (settings: Record<string, unknown>, routes: { from: string }[]) => {
+      const r = configSchema.safeParse({
+        gateway: { id: 'gw' },
+        broker: { devices: [{ id: 'sensor-1' }, { id: 'sensor-2' }] },
+        integrations: [{ name: 'a', id: randomUUID(), type: 'azure-iot-hub', settings, routes }],
+      });
+      // Only the integration's problems (the devices here have no passwords, which is beside the point).
+      return r.success
+        ? []
+        : r.error.issues
+            .filter((i) => i.path[0] === 'integrations')
+            .map((i) => `${i.path.join('.')}: ${i.message}`);
+    };
+    expect(withRoutes(base, [{ from: 'devices/+/desired' }])).toEqual([
+      'integrations.0.routes.0.from: this route matches nothing azure-iot-hub sends (devices/<id>/telemetry[/…], /state, /commands/<name>/response), so every row it queues would be dead-lettered: change or remove it',
+    ]);
+    expect(
+      withRoutes({ ...base, auth: { type: 'device-keys', keys: { 'sensor-1': key() } } }, [
+        { from: 'devices/#' },
+      ]),
+    ).toEqual([
+      'integrations.0.settings.auth.keys: sensor-2 is routed to Azure IoT Hub but has no key here: add it, or use a DeviceConnect policy',
+    ]);
+    expect(withRoutes(base, [{ from: 'devices/+/telemetry/#' }, { from: 'devices/+/state' }])).toEqual([]);
   });
 });
 
