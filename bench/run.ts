@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runAzureBench } from './azure.js';
 import { runBrokerStateBench } from './broker-state.js';
 import { runAwsIotBench } from './aws-iot.js';
 import { runLatencyBench } from './latency.js';
@@ -115,13 +116,15 @@ async function main(): Promise<number> {
     ['broker-state', () => runBrokerStateBench(ctx, settings)],
     ['aws-iot', () => runAwsIotBench(ctx, settings)],
     ['replication', () => runReplication(quiet)],
+    ['azure', () => runAzureBench(ctx, settings)],
   ];
+  /** Cloud benches run unless BENCH_ONLY is given and does not name them. */
+  const optIn = new Set(['replication', 'azure']);
   let failures = 0;
   try {
     for (const [name, bench] of benches) {
-      if (name !== 'replication' && !settings.only.has(name)) continue;
-      if (name === 'replication' && !settings.only.has('replication') && process.env.BENCH_ONLY !== undefined)
-        continue;
+      if (!optIn.has(name) && !settings.only.has(name)) continue;
+      if (optIn.has(name) && !settings.only.has(name) && process.env.BENCH_ONLY !== undefined) continue;
       console.error(`== ${name}`);
       // Replication runs in this process against PostgreSQL and psql: no system under test to
       // give a core to, so the replicator may use every CPU, like COPY does.

@@ -1,5 +1,6 @@
 import { ErrorCodes, GatewayError } from '../errors.js';
 import { createAwsIotProvider } from './aws-iot/aws-iot.js';
+import { createAzureIotHubProvider } from './azure-iot-hub/azure-iot-hub.js';
 import { createGoliothProvider } from './golioth/golioth-provider.js';
 import { createMqttProvider } from './mqtt/mqtt-provider.js';
 import type { Provider, ProviderContext, ProviderFactory } from './provider.js';
@@ -16,6 +17,7 @@ export type ProviderFactories = Readonly<Partial<Record<string, ProviderFactory>
  */
 export const providerRegistry: Record<AvailableType, ProviderFactory> = {
   mqtt: createMqttProvider,
+  'azure-iot-hub': createAzureIotHubProvider,
   golioth: createGoliothProvider,
   'aws-iot': createAwsIotProvider,
 };

@@ -1,5 +1,6 @@
 import type { z } from 'zod';
 import { awsIotSettingsSchema } from './aws-iot/settings.js';
+import { azureIotHubSettingsSchema, azureRouteProblems } from './azure-iot-hub/settings.js';
 import { goliothRouteProblems, goliothSettingsSchema } from './golioth/settings.js';
 import { mqttSettingsSchema } from './mqtt/settings.js';
 
@@ -13,6 +14,7 @@ export type ProviderType = (typeof PROVIDER_TYPES)[number];
  */
 const availableSettingsSchemas = {
   mqtt: mqttSettingsSchema,
+  'azure-iot-hub': azureIotHubSettingsSchema,
   golioth: goliothSettingsSchema,
   'aws-iot': awsIotSettingsSchema,
 } satisfies Partial<Record<ProviderType, z.ZodTypeAny>>;
@@ -43,6 +45,10 @@ export const providerIntegrationChecks: Partial<
     ) => IntegrationProblem[]
   >
 > = {
+  'azure-iot-hub': (settings, routes, deviceIds) => {
+    const parsed = azureIotHubSettingsSchema.safeParse(settings);
+    return parsed.success ? azureRouteProblems(parsed.data, routes, deviceIds) : [];
+  },
   golioth: (settings, routes, deviceIds) => {
     // Settings that failed their own schema were reported already.
     const parsed = goliothSettingsSchema.safeParse(settings);
