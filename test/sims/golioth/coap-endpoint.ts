@@ -43,6 +43,10 @@ export interface CoapEndpoint {
   setCredentials(credentials: ReadonlyMap<string, string>): Promise<void>;
   /** true: every datagram is dropped both ways (the network path is down). */
   setOutage(down: boolean): void;
+  /** true: server → device datagrams are held (requests still arrive); false: they go out now. */
+  holdReplies(hold: boolean): void;
+  /** Restarts coap-server with the same credentials: every DTLS session ends (close_notify). */
+  restart(): Promise<void>;
   /** Requests per second and device; 0 turns the limit off. */
   setRateLimit(perSecond: number): void;
   onRequest(handler: (record: CoapRequestRecord) => void): void;
@@ -83,7 +87,10 @@ async function freePortPair(): Promise<number> {
   throw new Error('no free port pair for coap-server');
 }
 
-const PDU = /^v:1 t:(CON|NON|ACK|RST) c:(\S+) i:([0-9a-f]+) \{[0-9a-f]*\} \[(.*?)\](?: :: '(.*)')?\s*$/;
+// A PDU as coap_show_pdu prints it; a binary payload follows on the next line as <<hex>>.
+const PDU =
+  /^v:1 t:(CON|NON|ACK|RST) c:(\S+) i:([0-9a-f]+) \{[0-9a-f]*\} \[(.*?)\](?: :: '(.*)'| :: (binary) data length \d+)?\s*$/;
+const BINARY = /^<<([0-9a-f]+)>>$/;
 const SESSION = /(?:\*{1,3}|\* ) ?127\.0\.0\.1:\d+ <-> 127\.0\.0\.1:(\d+) \(if\d+\)/;
 const IDENTITY = /got psk_identity: '(.*)'$/;
 
@@ -96,6 +103,8 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
   const stats = { throttledDrops: 0, datagramsIn: 0, handshakesSeen: 0 };
   let rateLimit = options.rateLimit ?? 20;
   let outage = false;
+  // While set, server → device datagrams (ACKs, responses) wait here: requests still arrive.
+  let heldReplies: (() => void)[] | undefined;
   let serverPort = 0;
   let child: ChildProcess | undefined;
   let hasCredentials = false;
@@ -106,6 +115,7 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
   const pendingById = new Map<string, CoapRequestRecord>();
 
   let lastPort = 0;
+  let awaitingBinary: CoapRequestRecord | undefined;
   const onLine = (line: string) => {
     const session = SESSION.exec(line);
     if (session) lastPort = Number(session[1]);
@@ -115,9 +125,17 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
       stats.handshakesSeen++;
       return;
     }
+    const binary = BINARY.exec(line);
+    if (binary && awaitingBinary !== undefined) {
+      const record = awaitingBinary;
+      awaitingBinary = undefined;
+      record.payload = Buffer.from(binary[1]!, 'hex').toString('latin1');
+      for (const h of handlers) h(record);
+      return;
+    }
     const pdu = PDU.exec(line);
     if (!pdu) return;
-    const [, type, code, mid, optionText, payload] = pdu;
+    const [, type, code, mid, optionText, payload, isBinary] = pdu;
     if (/^\d\.\d\d$/.test(code!)) {
       const req = pendingById.get(mid!);
       if (req !== undefined) {
@@ -143,7 +161,8 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
     };
     requests.push(record);
     pendingById.set(mid!, record);
-    for (const h of handlers) h(record);
+    if (isBinary !== undefined) awaitingBinary = record;
+    else for (const h of handlers) h(record);
   };
 
   const startChild = async () => {
@@ -211,7 +230,11 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
       upstream.on('error', () => {});
       const f: Flow = { client: rinfo, upstream, upstreamPort: 0, appRecords: [] };
       upstream.on('message', (reply) => {
-        if (!outage) front.send(reply, f.client.port, f.client.address);
+        if (outage) return;
+        // Only application data (CoAP) is held; handshakes go through so sessions still open.
+        if (heldReplies !== undefined && reply[0] === 23)
+          heldReplies.push(() => front.send(reply, f.client.port, f.client.address));
+        else front.send(reply, f.client.port, f.client.address);
       });
       upstream.bind(0, '127.0.0.1', () => {
         f.upstreamPort = upstream.address().port;
@@ -254,6 +277,23 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
     },
     setOutage(down) {
       outage = down;
+    },
+    holdReplies(hold) {
+      if (hold) {
+        heldReplies ??= [];
+        return;
+      }
+      const held = heldReplies ?? [];
+      heldReplies = undefined;
+      for (const send of held) send();
+    },
+    async restart() {
+      // coap-server ends every DTLS session with close_notify as it stops.
+      await stopChild();
+      for (const f of flows.values()) f.upstream.close();
+      flows.clear();
+      identityByPort.clear();
+      await startChild();
     },
     setRateLimit(perSecond) {
       rateLimit = perSecond;
