@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runBrokerStateBench } from './broker-state.js';
 import { runLatencyBench } from './latency.js';
 import { createProcessGroup, pin, pinDescription } from './lib/process.js';
 import { readSettings } from './lib/settings.js';
@@ -101,6 +102,7 @@ async function main(): Promise<number> {
     ['latency', () => runLatencyBench(ctx, settings)],
     ['rss', () => runRssBench(ctx, settings)],
     ['outage', () => runOutageBench(ctx, settings)],
+    ['broker-state', () => runBrokerStateBench(ctx, settings)],
     ['replication', () => runReplication(quiet)],
   ];
   let failures = 0;

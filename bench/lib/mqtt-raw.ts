@@ -9,7 +9,13 @@ import mqttPacket, { type Packet } from 'mqtt-packet';
 export interface RawClient {
   readonly clientId: string;
   /** QoS 0: sent at once, onAck never called. QoS 1: onAck(sentAt) at PUBACK. False when no packet id is free. */
-  publish(topic: string, payload: Buffer, qos: 0 | 1, onAck?: (sentAt: number) => void): boolean;
+  publish(
+    topic: string,
+    payload: Buffer,
+    qos: 0 | 1,
+    onAck?: (sentAt: number) => void,
+    retain?: boolean,
+  ): boolean;
   subscribe(filter: string, qos: 0 | 1, timeoutMs?: number): Promise<void>;
   /** Messages received on subscriptions; QoS 1 ones are PUBACKed right after the callback. */
   onMessage(handler: (topic: string, payload: Buffer) => void): void;
@@ -146,16 +152,16 @@ export async function connectRaw(opts: RawConnectOptions): Promise<RawClient> {
     get connected() {
       return open;
     },
-    publish(topic, payload, qos, onAck) {
+    publish(topic, payload, qos, onAck, retain = false) {
       if (!open) return false;
       if (qos === 0) {
-        send({ cmd: 'publish', topic, payload, qos: 0, retain: false, dup: false });
+        send({ cmd: 'publish', topic, payload, qos: 0, retain, dup: false });
         return true;
       }
       const id = allocateId();
       if (id === undefined) return false;
       inflightAcks.set(id, { sentAt: performance.now(), onAck });
-      send({ cmd: 'publish', topic, payload, qos: 1, messageId: id, retain: false, dup: false });
+      send({ cmd: 'publish', topic, payload, qos: 1, messageId: id, retain, dup: false });
       return true;
     },
     subscribe(filter, qos, timeoutMs = 5_000) {

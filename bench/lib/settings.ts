@@ -14,6 +14,8 @@ export interface BenchSettings {
   rates: number[];
   latencySeconds: number;
   rssDevices: number;
+  /** Devices of the broker-state bench (connect, subscribe, retained delivery). */
+  stateDevices: number;
   outageMessages: number;
   outageRate: number;
   outageDrainSeconds: number;
@@ -37,7 +39,9 @@ export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSetting
     quick,
     runs: num(env, 'BENCH_RUNS', quick ? 1 : 3),
     systems,
-    only: new Set((env.BENCH_ONLY ?? 'throughput,latency,rss,outage').split(',').map((s) => s.trim())),
+    only: new Set(
+      (env.BENCH_ONLY ?? 'throughput,latency,rss,outage,broker-state').split(',').map((s) => s.trim()),
+    ),
     payloadSize: num(env, 'BENCH_PAYLOAD', 64),
     devices: num(env, 'BENCH_DEVICES', 10),
     messagesPerDevice: num(env, 'BENCH_MESSAGES', quick ? 1_000 : 10_000),
@@ -49,6 +53,7 @@ export function readSettings(env: NodeJS.ProcessEnv = process.env): BenchSetting
       .filter((r) => r > 0),
     latencySeconds: num(env, 'BENCH_LATENCY_SECONDS', quick ? 2 : 5),
     rssDevices: num(env, 'BENCH_RSS_DEVICES', quick ? 200 : 1_000),
+    stateDevices: num(env, 'BENCH_STATE_DEVICES', quick ? 200 : 1_000),
     outageMessages: num(env, 'BENCH_OUTAGE_MESSAGES', quick ? 5_000 : 20_000),
     outageRate: num(env, 'BENCH_OUTAGE_RATE', 4_000),
     outageDrainSeconds: num(env, 'BENCH_OUTAGE_DRAIN_SECONDS', quick ? 40 : 45),

@@ -55,10 +55,17 @@ export function gatewayAvailable(root: string): boolean {
 
 const READY_TIMEOUT_MS = 30_000;
 
+/** Changes to the gateway's bench config: broker keys merged in; no integration at all. */
+export interface GatewayOverrides {
+  broker?: Record<string, unknown>;
+  withoutIntegrations?: boolean;
+}
+
 export async function startSystem(
   ctx: BenchContext,
   name: SystemName,
   upstreamPort: number,
+  overrides: GatewayOverrides = {},
 ): Promise<SystemUnderTest> {
   const dir = await mkdtemp(join(ctx.tmpRoot, `${name}-`));
   const port = await freePort();
@@ -106,18 +113,21 @@ export async function startSystem(
           // Every bench device connects from 127.0.0.1 at once, without retrying; the baselines
           // have no connect-rate limit either.
           connectRate: { perIp: 0, total: 0 },
+          ...overrides.broker,
         },
         http: { host: '127.0.0.1', port: httpPort },
-        integrations: [
-          {
-            name: 'up',
-            id: randomUUID(),
-            type: 'mqtt',
-            settings: { url: `mqtt://127.0.0.1:${upstreamPort}` },
-            routes: [{ from: 'devices/#', qos: 1 }],
-            queue: { inflight: 1000 },
-          },
-        ],
+        integrations: overrides.withoutIntegrations
+          ? []
+          : [
+              {
+                name: 'up',
+                id: randomUUID(),
+                type: 'mqtt',
+                settings: { url: `mqtt://127.0.0.1:${upstreamPort}` },
+                routes: [{ from: 'devices/#', qos: 1 }],
+                queue: { inflight: 1000 },
+              },
+            ],
       };
       const confPath = join(dir, 'gateway.yaml');
       await writeFile(confPath, stringify(config));

@@ -185,6 +185,24 @@ export const configSchema = z
           .default({}),
         // Successful logins remembered so a reconnect storm is not one scrypt per device (S3).
         loginCacheTtl: duration('5m'),
+        // Where the broker keeps retained messages, persistent sessions and the messages queued
+        // for offline devices: the gateway's SQLite file (survives restarts) or aedes' memory.
+        persistence: z.enum(['sqlite', 'memory']).default('sqlite'),
+        // A clean=false session whose device has not been connected for this long is deleted
+        // (subscriptions, queued messages); 0 keeps sessions forever. SQLite persistence only.
+        sessionExpiry: duration('7d'),
+        // Messages queued per device for delivery (offline or in flight); past either cap the
+        // oldest are dropped and counted. SQLite persistence only.
+        offlineQueue: z
+          .object({
+            maxMessages: z.number().int().min(1).default(1000),
+            maxBytes: size('16MB'),
+          })
+          .strict()
+          .default({}),
+        // Retained messages per device (topics devices/{id}/…; other topics per first level);
+        // past it the device's oldest retained message is dropped. SQLite persistence only.
+        maxRetainedPerDevice: z.number().int().min(1).default(100),
         devices: z.array(deviceSchema).default([]),
       })
       .strict()
@@ -350,6 +368,7 @@ export const RESTART_REQUIRED_KEYS = [
   'broker.maxPacketSize',
   'broker.maxConnections',
   'broker.connectTimeout',
+  'broker.persistence',
   'http',
   'features',
 ] as const;

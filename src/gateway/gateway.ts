@@ -3,6 +3,11 @@ import { ErrorCodes } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { providerRegistry, type ProviderFactories } from '../providers/registry.js';
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
+import {
+  createBrokerPersistence,
+  type BrokerPersistence,
+  type BrokerPersistenceLimits,
+} from '../store/broker-persistence.js';
 import { openStore, type Store } from '../store/database.js';
 import { createOutbox } from '../store/outbox.js';
 import { createReportedState, type ReportedState } from '../store/reported-state.js';
@@ -71,6 +76,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   let outbox: Outbox | undefined;
   let reportedState: ReportedState | undefined;
   let ingest: Ingest | undefined;
+  let brokerPersistence: BrokerPersistence | undefined;
   /** Device ids seen connecting since start, for providers' knownDevices(). */
   const seenDevices = new Set<string>();
   let broker: Broker | undefined;
@@ -96,7 +102,10 @@ export function createGateway(options: GatewayOptions): Gateway {
     refreshFiles: refreshTlsFiles,
     async apply(next, prev, changed) {
       if (next.gateway.log.level !== prev.gateway.log.level) options.setLogLevel?.(next.gateway.log.level);
-      if (changed.some((p) => p.startsWith('broker.'))) broker?.updateConfig(next.broker);
+      if (changed.some((p) => p.startsWith('broker.'))) {
+        broker?.updateConfig(next.broker);
+        brokerPersistence?.updateLimits(brokerPersistenceLimits(next.broker));
+      }
       ingest?.setIntegrations(next.integrations);
       await reconcileIntegrations(integrations, next.integrations, {
         start: startIntegration,
@@ -206,7 +215,16 @@ export function createGateway(options: GatewayOptions): Gateway {
         reportedState,
       });
       const ingestRef = ingest;
+      if (cfg.broker.persistence === 'sqlite') {
+        brokerPersistence = createBrokerPersistence({
+          db: store.db,
+          syncWal: store.syncWal,
+          logger: logger.child({ component: 'broker-persistence' }),
+          limits: brokerPersistenceLimits(cfg.broker),
+        });
+      }
       broker = createBroker({
+        persistence: brokerPersistence,
         config: cfg.broker,
         gatewayId: cfg.gateway.id,
         retainedStatus: cfg.features.retainedStatus,
@@ -297,6 +315,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     await step('http', () => http?.close());
     // The broker stops taking messages before the queues are flushed, so nothing arrives after.
     await step('broker', () => broker?.close());
+    // After the broker: what aedes handed over while closing (a clean session's wipe) lands.
+    await step('broker persistence', () => brokerPersistence?.destroy());
     await step('integrations', () => Promise.all([...integrations.values()].map(stopIntegration)));
     await step('wake', () => stopWake?.());
     await step('alerts', () => stopAlerts?.());
@@ -360,5 +380,14 @@ function lazyMetrics(getStatus: () => GatewayStatusSnapshot): Pick<Metrics, 'con
       metrics ??= import('./http/metrics.js').then((m) => m.createMetrics({ getStatus }));
       return (await metrics).render();
     },
+  };
+}
+
+function brokerPersistenceLimits(config: Config['broker']): BrokerPersistenceLimits {
+  return {
+    maxQueuedMessages: config.offlineQueue.maxMessages,
+    maxQueuedBytes: config.offlineQueue.maxBytes,
+    maxRetainedPerDevice: config.maxRetainedPerDevice,
+    sessionExpiryMs: config.sessionExpiry,
   };
 }

@@ -121,4 +121,69 @@ export const LOCAL_MIGRATIONS: readonly string[] = [
     updated_at INTEGER NOT NULL  -- ms since epoch
   ) WITHOUT ROWID;
   `,
+  // 6: the embedded broker's own state (aedes persistence, broker-persistence.ts): retained
+  // messages, persistent sessions, messages queued for offline devices, QoS 2 packets awaiting
+  // PUBREL, wills. Packets are a JSON `meta` (every field but the payload) and the payload.
+  `
+  CREATE TABLE broker_retained (
+    topic    TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL,      -- the device of devices/{id}/…, else the first topic level
+    meta     TEXT NOT NULL,
+    payload  BLOB
+  );
+  -- a REPLACE gives the row a new rowid: within an owner, rowid order is age order
+  CREATE INDEX broker_retained_by_owner ON broker_retained (owner);
+
+  CREATE TABLE broker_sessions (
+    client_id    TEXT PRIMARY KEY,
+    last_seen    INTEGER NOT NULL,  -- ms since epoch: connect, disconnect, or the first state stored
+    queued_rows  INTEGER NOT NULL DEFAULT 0,
+    queued_bytes INTEGER NOT NULL DEFAULT 0,
+    dropped      INTEGER NOT NULL DEFAULT 0  -- queued messages dropped at the cap, ever
+  );
+  CREATE INDEX broker_sessions_by_last_seen ON broker_sessions (last_seen);
+
+  CREATE TABLE broker_subscriptions (
+    client_id TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    qos       INTEGER NOT NULL,
+    rh        INTEGER,
+    rap       INTEGER,
+    nl        INTEGER,
+    sub_id    INTEGER,                -- MQTT 5 subscription identifier
+    match_key TEXT NOT NULL,          -- "{n}:{the n literal levels before the first wildcard}"
+    PRIMARY KEY (client_id, topic)
+  );
+  CREATE INDEX broker_subscriptions_by_key ON broker_subscriptions (match_key) WHERE qos > 0;
+  CREATE INDEX broker_subscriptions_by_topic ON broker_subscriptions (topic);
+
+  CREATE TABLE broker_outgoing (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id      TEXT NOT NULL,
+    broker_id      TEXT,
+    broker_counter INTEGER,
+    message_id     INTEGER,
+    bytes          INTEGER NOT NULL,
+    meta           TEXT NOT NULL,
+    payload        BLOB
+  );
+  CREATE INDEX broker_outgoing_by_client ON broker_outgoing (client_id);
+  CREATE INDEX broker_outgoing_by_counter ON broker_outgoing (client_id, broker_counter);
+  CREATE INDEX broker_outgoing_by_message_id ON broker_outgoing (client_id, message_id);
+
+  CREATE TABLE broker_incoming (
+    client_id  TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    meta       TEXT NOT NULL,
+    payload    BLOB,
+    PRIMARY KEY (client_id, message_id)
+  );
+
+  CREATE TABLE broker_wills (
+    client_id TEXT PRIMARY KEY,
+    broker_id TEXT,
+    meta      TEXT NOT NULL,
+    payload   BLOB
+  );
+  `,
 ];

@@ -22,7 +22,10 @@
  *       },
  *       cleanup: () => sim.stop(),                      // the suite closes the provider itself
  *     };
- *   });
+ *   }, { throttles: true, deviceFailures: true });      // what the cloud can make it do
+ *
+ * The options (`throttles`, `deviceThrottles`, `deviceFailures`, `plannedReconnects`) add the
+ * tests for what the cloud can make the provider do; each needs the matching ContractCloud knob.
  *
  * `setup` runs before every test and must return a provider that has not connected yet. The
  * suite publishes rows on `devices/{deviceId}/telemetry` (override with `topic`) whose payload is
@@ -44,6 +47,7 @@ import type { OutboundMessage, Provider } from '../../src/providers/provider.js'
 import { createActivityLog, type ActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+import { rejection } from '../helpers/rejection.js';
 
 /** The cloud side of a provider under test: what it received, and the faults it can make. */
 export interface ContractCloud {
@@ -83,6 +87,8 @@ export interface ContractOptions {
    * knob of ContractCloud (`throttleNext`, `failDevice`/`restoreDevice`, `plannedReconnect`).
    */
   throttles?: boolean;
+  /** Throttles scoped to one device (`throttleNext(n, ms, deviceId)`). */
+  deviceThrottles?: boolean;
   deviceFailures?: boolean;
   plannedReconnects?: boolean;
 }
@@ -290,24 +296,43 @@ export function describeProviderContract(
 
     if (options.throttles === true)
       it(
-        'a throttled publish says so (GW_ERR_PROVIDER_THROTTLED, retryAfterMs), link-wide or for one device',
+        'a throttled publish says so (GW_ERR_PROVIDER_THROTTLED, retryable, retryAfterMs) and the link stays up',
         async () => {
           const s = await start();
           const throttle = knob(s.cloud.throttleNext?.bind(s.cloud), 'throttleNext');
+          const losses: Error[] = [];
+          s.provider.onDisconnect((e) => losses.push(e));
           await s.provider.connect(new AbortController().signal);
           throttle(1, 250);
           const err = await rejection(s.provider.publish(row(s)));
           expect(err.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
           expect(err.retryable).toBe(true);
           expect(err.details?.retryAfterMs).toBeTypeOf('number');
-          throttle(1, 250, 'slow-dev');
-          const scoped = await rejection(s.provider.publish(row(s, 'slow-dev')));
-          expect(scoped.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
-          expect(scoped.details?.deviceId).toBe('slow-dev');
           // Throttling is not a failure of the link: the next publish goes through.
           const next = row(s);
           await s.provider.publish(next);
           expect(arrived(s, next.token)).toBe(true);
+          expect(losses).toEqual([]);
+        },
+        timeout,
+      );
+
+    if (options.deviceThrottles === true)
+      it(
+        "a throttle of one device names it (details.deviceId); the other devices' publishes go through",
+        async () => {
+          const s = await start();
+          const throttle = knob(s.cloud.throttleNext?.bind(s.cloud), 'throttleNext');
+          await s.provider.connect(new AbortController().signal);
+          throttle(1, 250, 'slow-dev');
+          const other = row(s, 'fast-dev');
+          await s.provider.publish(other);
+          expect(arrived(s, other.token)).toBe(true);
+          const scoped = await rejection(s.provider.publish(row(s, 'slow-dev')));
+          expect(scoped.code).toBe(ErrorCodes.PROVIDER_THROTTLED);
+          expect(scoped.retryable).toBe(true);
+          expect(scoped.details?.deviceId).toBe('slow-dev');
+          expect(scoped.details?.retryAfterMs).toBeTypeOf('number');
         },
         timeout,
       );
@@ -386,17 +411,6 @@ function knob<T>(fn: T | undefined, name: string): T {
   if (fn === undefined)
     throw new Error(`the contract options promise ${name}, but the ContractCloud has none`);
   return fn;
-}
-
-/** The rejection of a promise that must reject, as a GatewayError. */
-async function rejection(promise: Promise<unknown>): Promise<GatewayError> {
-  try {
-    await promise;
-  } catch (err) {
-    expect(err).toBeInstanceOf(GatewayError);
-    return err as GatewayError;
-  }
-  throw new Error('expected the promise to reject, it resolved');
 }
 
 function isGatewayErrorWith(err: unknown, retryable: boolean): boolean {

@@ -21,5 +21,5 @@ describeProviderContract(
       },
     });
   },
-  { throttles: true, deviceFailures: true, plannedReconnects: true },
+  { throttles: true, deviceThrottles: true, deviceFailures: true, plannedReconnects: true },
 );

@@ -41,6 +41,8 @@ export interface FakeCloud {
   readonly throttledCount: number;
   readonly deviceFailures: number;
   readonly connected: boolean;
+  /** The context of every factory call, in order (report, knownDevices, reportedState). */
+  readonly contexts: readonly ProviderContext[];
   /** The provider of the current (or last) factory call. */
   readonly provider: Provider;
   /** A ProviderFactory for gateway tests; every call makes a fresh provider on this cloud. */
@@ -97,6 +99,7 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
   const published: OutboundMessage[] = [];
   const presence: { deviceId: string; online: boolean }[] = [];
   const connectAttempts: number[] = [];
+  const contexts: ProviderContext[] = [];
   let connects = 0;
   let peakInflight = 0;
   let throttledCount = 0;
@@ -150,7 +153,8 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
     if (report) current?.lost(report);
   }
 
-  function makeProvider(_context?: ProviderContext): Provider {
+  function makeProvider(context?: ProviderContext): Provider {
+    if (context) contexts.push(context);
     let closed = false;
     let commandHandler: ((message: InboundMessage) => void) | undefined;
     let disconnectHandler: ((error: Error) => void) | undefined;
@@ -309,6 +313,9 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
     },
     get connected() {
       return link !== 0;
+    },
+    get contexts() {
+      return contexts;
     },
     get provider() {
       return (current ?? { provider: makeProvider() }).provider;

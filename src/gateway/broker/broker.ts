@@ -7,6 +7,7 @@ import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import { createFloodReporter, latestEvent } from '../../common/flood-reporter.js';
 import type { ActivityEntry, ActivityLog } from '../../store/activity-log.js';
+import type { BrokerPersistence } from '../../store/broker-persistence.js';
 import type { IncomingMessage } from '../../store/outbox-types.js';
 import {
   EMPTY_ACL,
@@ -63,6 +64,12 @@ export interface BrokerOptions {
    * then online; a session that ends after a newer one took its place reports nothing.
    */
   onPresence?: (deviceId: string, online: boolean) => void;
+  /**
+   * Where aedes keeps retained messages, sessions and queued messages (broker.persistence:
+   * sqlite); aedes' in-memory default without it. Told when devices come and go; its owner
+   * destroys it after close().
+   */
+  persistence?: BrokerPersistence;
 }
 
 export interface BrokerStats {
@@ -262,6 +269,7 @@ export function createBroker(options: BrokerOptions): Broker {
     maxTopicLevels: 100,
     drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
+    persistence: options.persistence,
 
     preConnect(client, packet, callback) {
       connectFields.set(client, {
@@ -460,6 +468,7 @@ export function createBroker(options: BrokerOptions): Broker {
   };
 
   aedes.on('clientReady', (client) => {
+    options.persistence?.clientConnected(client.id);
     const session = sessions.get(client);
     if (!session) return;
     session.connectedAt = Date.now();
@@ -468,6 +477,7 @@ export function createBroker(options: BrokerOptions): Broker {
     presence(session, true);
   });
   aedes.on('clientDisconnect', (client) => {
+    options.persistence?.clientDisconnected(client.id);
     const current = connected.get(client.id);
     if (current?.client === client) {
       connected.delete(client.id);

@@ -69,6 +69,11 @@ const MAX_DEVICE_LIMITERS = 10_000;
 const MIN_RETRY_AFTER_MS = 10;
 const MAX_RETRY_AFTER_MS = 10 * 60_000;
 const DEFAULT_RETRY_AFTER_MS = 1000;
+/**
+ * Unparks are gathered so that rewinds (each waits for the in-flight set to drain and reads the
+ * queue's backlog again) come at most this often, however many devices flap.
+ */
+const MIN_REWIND_INTERVAL_MS = 200;
 
 /** A device's answer to a cloud command: sent at once, not behind its telemetry backlog. */
 const COMMAND_RESPONSE = /^devices\/[^/]+\/commands\/[^/]+\/response$/;
@@ -146,6 +151,9 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
    */
   let cautious = false;
   let unparkTimer: NodeJS.Timeout | undefined;
+  /** When unparkTimer fires (ms since epoch); Infinity without one. */
+  let unparkAt = Infinity;
+  let lastRewindAt = -Infinity;
   let throttledCount = 0;
 
   let running = false;
@@ -356,6 +364,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       if (inflight.size > 0) return; // the last settle pumps again
       flushAcks();
       active = false;
+      lastRewindAt = now();
       beginEpoch();
       cautious = true;
       return;
@@ -565,7 +574,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       waitingRows -= queued.length;
       waiting.delete(deviceId);
     }
-    scheduleUnpark();
+    scheduleUnpark(parked.get(deviceId));
     if (wasParked) return;
     const fields = { deviceId, code: err.code, messageId: row.id, retryAfterMs };
     if (err.code === ErrorCodes.PROVIDER_THROTTLED || stuck.has(deviceId)) {
@@ -586,17 +595,20 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     });
   }
 
-  function scheduleUnpark(): void {
+  /** Arms the unpark timer for the earliest park end (`until`, or all parks when absent). */
+  function scheduleUnpark(until?: number): void {
+    if (!running) return;
+    const first = until ?? (parked.size === 0 ? Infinity : Math.min(...parked.values()));
+    if (first === Infinity || (unparkTimer !== undefined && first >= unparkAt)) return;
     clearTimeout(unparkTimer);
-    unparkTimer = undefined;
-    if (parked.size === 0 || !running) return;
-    const first = Math.min(...parked.values());
-    unparkTimer = setTimeout(unpark, Math.max(1, first - now()));
+    unparkAt = Math.max(first, lastRewindAt + MIN_REWIND_INTERVAL_MS);
+    unparkTimer = setTimeout(unpark, Math.max(1, unparkAt - now()));
     unparkTimer.unref();
   }
 
   function unpark(): void {
     unparkTimer = undefined;
+    unparkAt = Infinity;
     const t = now();
     let freed = 0;
     for (const [deviceId, until] of parked) {
@@ -705,6 +717,8 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       clearInterval(pollTimer);
       clearTimeout(retryTimer);
       clearTimeout(unparkTimer);
+      unparkTimer = undefined;
+      unparkAt = Infinity;
       clearTimeout(pumpTimer);
       pumpTimer = undefined;
       if (inflight.size > 0 && active) {

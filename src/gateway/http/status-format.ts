@@ -101,6 +101,21 @@ export function formatStatus(s: GatewayStatusSnapshot, options: FormatStatusOpti
         out.push(`  ${i.name}: ${e.code}: ${e.message} (${ago(e.at, now)})`);
       }
     }
+    const waiting = s.integrations.filter((i) => i.parkedDevices.length > 0 || i.throttled > 0);
+    if (waiting.length > 0) {
+      out.push('');
+      out.push('Waiting on the cloud');
+      for (const i of waiting) {
+        const parked = i.parkedDevices.slice(0, maxDevices).join(', ');
+        const more =
+          i.parkedDevices.length > maxDevices
+            ? ` … and ${count(i.parkedDevices.length - maxDevices)} more`
+            : '';
+        out.push(
+          `  ${i.name}: ${count(i.throttled)} throttled publishes; parked devices: ${parked || 'none'}${more}`,
+        );
+      }
+    }
   }
 
   out.push('');

@@ -24,6 +24,7 @@ import type { Outbox, QueueLimits } from '../../../src/store/outbox-types.js';
 import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
 import { createTestPki } from '../../helpers/certs.js';
 import { startMosquitto, type PrivateMosquitto } from '../../helpers/mosquitto.js';
+import { startScriptedMqtt } from '../../helpers/scripted-mqtt.js';
 import { startTcpProxy, type TcpProxy } from '../../helpers/tcp-proxy.js';
 
 const roomy: QueueLimits = {
@@ -289,6 +290,31 @@ describe('forwarder through the MQTT provider', () => {
     // Two losses with several rows in flight blame none of them (the second starts probing);
     // then one connection per attempt of the row sent alone, and one after its dead letter.
     expect(connects).toBeLessThanOrEqual(3 + 3);
+  });
+
+  it('MQTT 5 PUBACK 0x97 (quota exceeded) is a throttle: waited for, no attempt counted, no dead letter', async () => {
+    h = await setUp();
+    // Every publish of the first window is refused with "quota exceeded", then all are taken.
+    let refusals = 10;
+    const server = await startScriptedMqtt({ puback: () => (refusals-- > 0 ? 0x97 : 0) });
+    h.cleanups.push(() => server.close());
+    const { supervisor, forwarder } = pipeline({
+      settings: { url: `mqtt://127.0.0.1:${server.port}`, protocolVersion: 5 },
+      queue: { inflight: 10, maxAttempts: 1 },
+    });
+    for (let i = 0; i < 40; i++) await enqueue('q', i);
+    supervisor.start();
+    forwarder.start();
+    await until(() => depth() === 0, 30_000);
+    expect(forwarder.throttled).toBe(10);
+    expect(h.outbox.stats(h.integrationId).deadLetters).toBe(0);
+    const accepted = server.publishes.slice(10).map((p) => p.payload.toString());
+    expect(new Set(accepted).size).toBe(40);
+    assertPerDeviceOrder(accepted);
+    const failures = h.activity
+      .list({ integrationId: h.integrationId, limit: 100 })
+      .filter((r) => r.status === 'failed' || r.status === 'error');
+    expect(failures).toEqual([]);
   });
 
   it('recovers from a blackholed upstream link and resends what was in flight', async () => {

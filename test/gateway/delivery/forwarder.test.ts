@@ -387,6 +387,26 @@ describe('forwarder (fake cloud)', () => {
     await until(() => forwarder.parkedDevices().length === 0);
   });
 
+  it('many flapping devices cost a few rewinds a second, not one per unpark', async () => {
+    h = setUp();
+    const cloud = createFakeCloud();
+    const flapping = Array.from({ length: 20 }, (_, i) => `f${i}`);
+    for (const id of flapping) cloud.failDevice(id, 5);
+    pipelineOn(cloud, { maxAttempts: 1 });
+    for (let i = 0; i < 10; i++) for (const id of [...flapping, 'steady']) void enqueue(id, i);
+    await h.outbox.flush();
+    const started = Date.now();
+    await until(() => cloud.deviceFailures >= 400);
+    const rewinds = () => h.logs.filter((l) => l.msg === 'backlog_drain_started').length;
+    // At most one rewind per 200 ms (plus the first epoch), whatever the 5 ms parks would ask for.
+    expect(rewinds()).toBeLessThanOrEqual(2 + (Date.now() - started) / 200);
+    for (const id of flapping) cloud.restoreDevice(id);
+    await until(() => depth() === 0, 30_000);
+    expect(distinct(cloud)).toBe(210);
+    expect(deadLetters()).toBe(0);
+    assertPerDeviceOrder(texts(cloud));
+  });
+
   it("honours the provider's per-connection publish rate: saturated, never exceeded", async () => {
     h = setUp();
     for (let i = 0; i < 130; i++) void enqueue(`r${i % 4}`, i);

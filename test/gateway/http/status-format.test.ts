@@ -44,6 +44,8 @@ describe('formatStatus', () => {
     expect(table[1]!.slice(0, queueEnd).endsWith('42')).toBe(true);
     expect(table[2]!.slice(0, queueEnd).endsWith('42')).toBe(true);
     expect(text).toContain('aws-main: GW_ERR_PROVIDER_CONNECT: connect ECONNREFUSED 10.1.1.1:8883 (30s ago)');
+    expect(text).toContain('Waiting on the cloud');
+    expect(text).toContain('  x: 5 throttled publishes; parked devices: child-3');
     expect(text).toContain('sensor-2');
     expect(text).toContain('writable, WAL 4.0 MiB');
   });
