@@ -56,7 +56,7 @@ describeProviderContract(
             ca: pki!.caCert,
             coapHost: '127.0.0.1',
             coapPort: s.coap.port,
-            handshakeTimeout: '5s',
+            handshakeTimeout: '10s',
             devices: Object.fromEntries(DEVICES.map((d) => [d, { psk: `${d}-psk` }])),
           },
         },

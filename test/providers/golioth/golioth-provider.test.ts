@@ -45,9 +45,9 @@ function make(settings: Record<string, unknown> = {}, known: string[] = []): Mad
           ca: pki.caCert,
           coapHost: '127.0.0.1',
           coapPort: sim.coap.port,
-          coapAckTimeout: '300ms',
+          coapAckTimeout: '1s',
           coapMaxRetransmit: 2,
-          handshakeTimeout: '5s',
+          handshakeTimeout: '10s',
           ...settings,
         },
       },
@@ -267,7 +267,7 @@ describe('golioth provider: telemetry over CoAP/DTLS-PSK', () => {
   it('parks only the device whose PSK is wrong (deviceUnavailable), while another device goes on', async () => {
     const { provider } = make({
       devices: { 'fan-1': { psk: 'wrong' }, 'fan-2': { psk: 'fan-2-secret' } },
-      handshakeTimeout: '1s',
+      handshakeTimeout: '3s',
     });
     const bad = await provider
       .publish(row('fan-1', 'devices/fan-1/telemetry', { rpm: 1 }))
