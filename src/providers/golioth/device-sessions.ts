@@ -45,6 +45,8 @@ export interface DeviceSessionsOptions {
   backoff?: Backoff;
   logger: Logger;
   report?: (event: ProviderEvent) => void;
+  /** A session was ended by Golioth, not by us. */
+  onPeerClose?(deviceId: string, error: Error): void;
   /** The DTLS session opener; a test of the sessions may pass another transport. */
   open?: (options: DtlsSessionOptions) => Promise<DtlsSession>;
 }
@@ -76,7 +78,19 @@ export function createDeviceSessions(options: DeviceSessionsOptions): DeviceSess
           signal,
         });
         const link: Link = { session, channel: createCoapChannel(session, options.coap) };
-        session.onClose((err) => pool.lost(deviceId, link, err));
+        // Golioth ended the session (close_notify, fatal alert): what was waiting on it fails as
+        // not connected; the next message opens a new session at once, without backoff.
+        session.onClose((err) => {
+          link.channel.close(
+            new GatewayError(
+              ErrorCodes.PROVIDER_NOT_CONNECTED,
+              `Golioth closed the DTLS session of ${deviceId} (${err.message})`,
+              { retryable: true, cause: err },
+            ),
+          );
+          if (pool.peek(deviceId) === link) void pool.close(deviceId);
+          options.onPeerClose?.(deviceId, err);
+        });
         options.report?.({
           activityType: 'device_session_opened',
           direction: 'outgoing',

@@ -32,6 +32,7 @@ const DEVICE_REQUESTS_PER_SECOND = 20;
 /** Payloads above ~1 KB fragment at the IP layer; Golioth asks devices to stay below (§3.2). */
 const MAX_PAYLOAD_BYTES = 1024;
 const CONTENT_FORMAT_JSON = 50;
+const CONTENT_FORMAT_OCTET_STREAM = 42;
 
 const TELEMETRY = /^devices\/([^/]+)\/telemetry(?:\/(.+))?$/;
 const STATE = /^devices\/([^/]+)\/state$/;
@@ -96,6 +97,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
   });
   const api = createManagementApi(http, settings.projectId);
   const sessions = createDeviceSessions({
+    onPeerClose: (deviceId, err) => lose(deviceId, err),
     credentialOf: (deviceId) => {
       const credential = credentialOf(deviceId);
       // publishTelemetry checks for a PSK before it asks for a session.
@@ -115,7 +117,27 @@ export function createGoliothProvider(context: ProviderContext): Provider {
   /** Local device id → Golioth device id, from the last device list. */
   let deviceIds = new Map<string, string>();
   let commandHandler: ((message: InboundMessage) => void) | undefined;
+  let disconnectHandler: ((error: Error) => void) | undefined;
   let closed = false;
+  /**
+   * Golioth's side is connectionless REST plus one DTLS session per device, so "connected" is
+   * the provider's own state: set by connect(), cleared when Golioth ends a session (a server
+   * restart ends them all). That loss is reported once; the supervisor's reconnect is cheap, and
+   * sessions reopen on the next message.
+   */
+  let connected = false;
+
+  function lose(deviceId: string, err: Error) {
+    if (!connected || closed) return;
+    connected = false;
+    disconnectHandler?.(
+      new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, `Golioth closed the DTLS session of ${deviceId}`, {
+        retryable: true,
+        cause: err,
+        details: { deviceId },
+      }),
+    );
+  }
 
   const nameOf = (localId: string) => settings.devices[localId]?.name ?? localId;
 
@@ -177,12 +199,11 @@ export function createGoliothProvider(context: ProviderContext): Provider {
         { retryable: false, details: { deviceId } },
       );
     }
-    // The lightdb-stream destination takes JSON only (§3.1 Ingest).
-    if (parseJsonObject(message.payload) === undefined) {
-      throw rejected(`telemetry of ${deviceId} is not JSON; Golioth's LightDB Stream takes JSON only`, {
-        deviceId,
-      });
-    }
+    // `/.s` takes any content format and Pipelines route it (§3.2); the lightdb-stream
+    // destination keeps only JSON (§3.1 Ingest), so JSON is labelled as such and anything else
+    // goes as octet-stream for a pipeline that transforms it.
+    const contentFormat =
+      parseJsonObject(message.payload) === undefined ? CONTENT_FORMAT_OCTET_STREAM : CONTENT_FORMAT_JSON;
     let limiter = limiters.get(deviceId);
     if (limiter === undefined) {
       limiter = createRateLimiter({ rate: DEVICE_REQUESTS_PER_SECOND });
@@ -194,7 +215,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
     const res = await sessions.request(deviceId, {
       method: 'POST',
       path,
-      contentFormat: CONTENT_FORMAT_JSON,
+      contentFormat,
       payload: message.payload,
     });
     if (!res.code.startsWith('2.')) throw coapError(deviceId, path, res);
@@ -240,14 +261,24 @@ export function createGoliothProvider(context: ProviderContext): Provider {
 
     /** Nothing to open: sessions are per device and open with its first message. */
     async connect(signal) {
-      signal.throwIfAborted();
-      if (closed)
+      if (signal.aborted) {
+        throw new GatewayError(ErrorCodes.ABORTED, 'the connect attempt was aborted', { retryable: true });
+      }
+      if (closed) {
         throw new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the provider is closed', { retryable: false });
+      }
+      connected = true;
     },
 
     async publish(message) {
-      if (closed)
+      if (closed) {
         throw new GatewayError(ErrorCodes.PROVIDER_CLOSED, 'the provider is closed', { retryable: true });
+      }
+      if (!connected) {
+        throw new GatewayError(ErrorCodes.PROVIDER_NOT_CONNECTED, 'the golioth provider is not connected', {
+          retryable: true,
+        });
+      }
       const telemetry = TELEMETRY.exec(message.topic);
       if (telemetry) return publishTelemetry(message, telemetry[1]!, telemetry[2]);
       const state = STATE.exec(message.topic);
@@ -262,8 +293,9 @@ export function createGoliothProvider(context: ProviderContext): Provider {
       commandHandler = handler;
     },
 
-    /** There is no streaming link to lose; device sessions fail one by one (deviceUnavailable). */
-    onDisconnect() {},
+    onDisconnect(handler) {
+      disconnectHandler = handler;
+    },
 
     async testConnection(signal): Promise<ConnectionTestResult> {
       const details = {

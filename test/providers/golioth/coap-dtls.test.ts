@@ -1,10 +1,15 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCodes, GatewayError } from '../../../src/errors.js';
 import { createCoapChannel, type DatagramTransport } from '../../../src/providers/golioth/coap-channel.js';
 import { openDtlsSession } from '../../../src/providers/golioth/dtls-session.js';
-import { startCoapEndpoint, type CoapEndpoint } from '../../sims/golioth/coap-endpoint.js';
+import {
+  freePortPair,
+  spawnCoapServer,
+  startCoapEndpoint,
+  type CoapEndpoint,
+} from '../../sims/golioth/coap-endpoint.js';
 
 // Our CoAP layer and DTLS-PSK session against reference peers: libcoap's coap-server-openssl
 // (DTLS-PSK, OpenSSL) and coap-server-notls (plain CoAP), with a UDP relay that drops datagrams.
@@ -122,11 +127,20 @@ describe('CoAP channel against coap-server-notls over a lossy relay (RFC 7252 §
   let serverPort: number;
 
   beforeAll(async () => {
-    serverPort = 30_000 + Math.floor(Math.random() * 20_000);
-    server = spawn('coap-server-notls', ['-A', '127.0.0.1', '-p', String(serverPort), '-d', '100'], {
-      stdio: 'ignore',
-    });
-    await new Promise((r) => setTimeout(r, 300));
+    for (let attempt = 0; ; attempt++) {
+      serverPort = await freePortPair();
+      const started = spawnCoapServer('coap-server-notls', serverPort, ['-d', '100']);
+      server = started.child;
+      started.child.stdout!.resume();
+      started.child.stderr!.resume();
+      try {
+        await started.ready;
+        break;
+      } catch (err) {
+        server.kill();
+        if (attempt >= 4) throw err;
+      }
+    }
   });
   afterAll(() => {
     server?.kill();

@@ -87,9 +87,9 @@ beforeAll(async () => {
           ca: pki.caCert,
           coapHost: '127.0.0.1',
           coapPort: sim.coap.port,
-          coapAckTimeout: '300ms',
+          coapAckTimeout: '1s',
           coapMaxRetransmit: 2,
-          handshakeTimeout: '3s',
+          handshakeTimeout: '10s',
           requestTimeout: '3s',
           devices: { 'pump-a': { psk: { file: pskFile } }, 'pump-b': { psk: '${PUMP_B_PSK}' } },
         },
@@ -186,8 +186,20 @@ describe('golioth end to end through the gateway', () => {
     const sync = db
       .prepare('SELECT sync_type, status, records_succeeded FROM sync_log WHERE integration_id = ?')
       .all(integrationId);
+    // Each REST request of the sync is an activity row of its own, with its request id.
+    const requests = db
+      .prepare(
+        "SELECT activity_type, status, metadata FROM activity_log WHERE integration_id = ? AND activity_type LIKE 'golioth_%'",
+      )
+      .all(integrationId) as { activity_type: string; status: string; metadata: string }[];
     db.close();
     expect(sync).toEqual([{ sync_type: 'import', status: 'success', records_succeeded: 2 }]);
+    const types = requests.map((r) => r.activity_type);
+    expect(types.filter((t) => t === 'golioth_list_devices').length).toBeGreaterThanOrEqual(1);
+    expect(types.filter((t) => t === 'golioth_device_settings').length).toBe(2);
+    expect(
+      requests.every((r) => typeof (JSON.parse(r.metadata) as { requestId?: string }).requestId === 'string'),
+    ).toBe(true);
   });
 
   it('loses nothing while the API and the CoAP path are down, and delivers once they are back', async () => {

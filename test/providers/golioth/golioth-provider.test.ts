@@ -45,9 +45,9 @@ function make(settings: Record<string, unknown> = {}, known: string[] = []): Mad
           ca: pki.caCert,
           coapHost: '127.0.0.1',
           coapPort: sim.coap.port,
-          coapAckTimeout: '300ms',
+          coapAckTimeout: '1s',
           coapMaxRetransmit: 2,
-          handshakeTimeout: '5s',
+          handshakeTimeout: '10s',
           ...settings,
         },
       },
@@ -67,6 +67,8 @@ function make(settings: Record<string, unknown> = {}, known: string[] = []): Mad
     reportedState: () => reported,
   });
   provider.onCommand((m) => inbound.push(m));
+  // Connecting opens nothing (sessions open per device); it makes the provider take publishes.
+  void provider.connect(new AbortController().signal);
   cleanups.push(() => provider.close());
   return { provider, events, logs, inbound, reported };
 }
@@ -245,23 +247,27 @@ describe('golioth provider: telemetry over CoAP/DTLS-PSK', () => {
     ).toHaveLength(2);
   });
 
-  it('refuses telemetry of a device without a PSK, and non-JSON, for good (dead letter) with a clear reason', async () => {
+  it('refuses telemetry of a device without a PSK for good (dead letter) with a clear reason; sends non-JSON as octet-stream', async () => {
     const { provider } = make({ devices: { 'fan-1': { psk: 'fan-1-secret' } } });
     const noPsk = await provider
       .publish(row('fan-2', 'devices/fan-2/telemetry', { rpm: 1 }))
       .catch((e: unknown) => e);
     expect(noPsk).toMatchObject({ code: ErrorCodes.PROVIDER_AUTH, retryable: false });
     expect((noPsk as Error).message).toMatch(/fan-2 has no PSK in settings\.devices/);
-    const notJson = await provider
-      .publish(row('fan-1', 'devices/fan-1/telemetry', 'rpm=1'))
-      .catch((e: unknown) => e);
-    expect(notJson).toMatchObject({ code: ErrorCodes.PROVIDER_REJECTED, retryable: false });
+    const streamBefore = sim.stream(PROJECT).length;
+    await provider.publish(row('fan-1', 'devices/fan-1/telemetry', 'rpm=1'));
+    await waitFor(() => sim.coap.requests.some((r) => r.payload === 'rpm=1'));
+    expect(sim.coap.requests.find((r) => r.payload === 'rpm=1')?.contentFormat).toBe(
+      'application/octet-stream',
+    );
+    // LightDB Stream keeps JSON only; a pipeline would have to transform this.
+    expect(sim.stream(PROJECT).length).toBe(streamBefore);
   });
 
   it('parks only the device whose PSK is wrong (deviceUnavailable), while another device goes on', async () => {
     const { provider } = make({
       devices: { 'fan-1': { psk: 'wrong' }, 'fan-2': { psk: 'fan-2-secret' } },
-      handshakeTimeout: '1s',
+      handshakeTimeout: '3s',
     });
     const bad = await provider
       .publish(row('fan-1', 'devices/fan-1/telemetry', { rpm: 1 }))

@@ -43,6 +43,10 @@ export interface CoapEndpoint {
   setCredentials(credentials: ReadonlyMap<string, string>): Promise<void>;
   /** true: every datagram is dropped both ways (the network path is down). */
   setOutage(down: boolean): void;
+  /** true: server → device datagrams are held (requests still arrive); false: they go out now. */
+  holdReplies(hold: boolean): void;
+  /** Restarts coap-server with the same credentials: every DTLS session ends (close_notify). */
+  restart(): Promise<void>;
   /** Requests per second and device; 0 turns the limit off. */
   setRateLimit(perSecond: number): void;
   onRequest(handler: (record: CoapRequestRecord) => void): void;
@@ -71,7 +75,8 @@ function portFree(port: number, kind: 'udp' | 'tcp'): Promise<boolean> {
 /** coap-server takes no port 0: find P with P and P+1 free for UDP and TCP (it opens all four). */
 async function freePortPair(): Promise<number> {
   for (let i = 0; i < 50; i++) {
-    const p = 20_000 + 2 * Math.floor(Math.random() * 20_000);
+    // Below the kernel's ephemeral range (32768+), where port-0 listeners of other tests land.
+    const p = 20_000 + 2 * Math.floor(Math.random() * 6_000);
     const checks = await Promise.all([
       portFree(p, 'udp'),
       portFree(p + 1, 'udp'),
@@ -83,9 +88,61 @@ async function freePortPair(): Promise<number> {
   throw new Error('no free port pair for coap-server');
 }
 
-const PDU = /^v:1 t:(CON|NON|ACK|RST) c:(\S+) i:([0-9a-f]+) \{[0-9a-f]*\} \[(.*?)\](?: :: '(.*)')?\s*$/;
+// A PDU as coap_show_pdu prints it; a binary payload follows on the next line as <<hex>>.
+const PDU =
+  /^v:1 t:(CON|NON|ACK|RST) c:(\S+) i:([0-9a-f]+) \{[0-9a-f]*\} \[(.*?)\](?: :: '(.*)'| :: (binary) data length \d+)?\s*$/;
+const BINARY = /^<<([0-9a-f]+)>>$/;
 const SESSION = /(?:\*{1,3}|\* ) ?127\.0\.0\.1:\d+ <-> 127\.0\.0\.1:(\d+) \(if\d+\)/;
 const IDENTITY = /got psk_identity: '(.*)'$/;
+
+/**
+ * Starts a libcoap example server on `port` (UDP/TCP) and `port`+1 (DTLS/TLS) with `-v 7`;
+ * `ready` resolves once all four endpoints exist and rejects when one could not be created.
+ */
+export function spawnCoapServer(
+  program: string,
+  port: number,
+  args: readonly string[],
+): { child: ChildProcess; ready: Promise<void> } {
+  const child = spawn(
+    'stdbuf',
+    ['-oL', '-eL', program, '-A', '127.0.0.1', '-p', String(port), '-v', '7', ...args],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
+  const ready = new Promise<void>((resolve, reject) => {
+    let text = '';
+    const timer = setTimeout(() => reject(new Error(`${program} did not start`)), 10_000);
+    const done = (err?: Error) => {
+      clearTimeout(timer);
+      child.stdout!.off('data', onData);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onData = (chunk: Buffer) => {
+      text += chunk.toString();
+      if (/cannot create|Address already in use/.test(text))
+        done(new Error(`${program}: port ${port} is taken`));
+      // The TLS endpoint is the last one it creates (notls builds stop at TCP).
+      else if (
+        /created TLS {1,2}endpoint/.test(text) ||
+        (program.endsWith('notls') && /created TCP {1,2}endpoint/.test(text))
+      ) {
+        done();
+      }
+    };
+    child.stdout!.on('data', onData);
+    child.once('exit', (code) =>
+      done(new Error(`${program} exited with ${code}; is libcoap3-bin installed?`)),
+    );
+  });
+  // The caller may stop it before it is ready.
+  ready.catch(() => {});
+  return { child, ready };
+}
+
+export { freePortPair };
 
 export async function startCoapEndpoint(options: { rateLimit?: number } = {}): Promise<CoapEndpoint> {
   const dir = mkdtempSync(join(tmpdir(), 'golioth-coap-'));
@@ -96,6 +153,8 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
   const stats = { throttledDrops: 0, datagramsIn: 0, handshakesSeen: 0 };
   let rateLimit = options.rateLimit ?? 20;
   let outage = false;
+  // While set, server → device datagrams (ACKs, responses) wait here: requests still arrive.
+  let heldReplies: (() => void)[] | undefined;
   let serverPort = 0;
   let child: ChildProcess | undefined;
   let hasCredentials = false;
@@ -106,6 +165,7 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
   const pendingById = new Map<string, CoapRequestRecord>();
 
   let lastPort = 0;
+  let awaitingBinary: CoapRequestRecord | undefined;
   const onLine = (line: string) => {
     const session = SESSION.exec(line);
     if (session) lastPort = Number(session[1]);
@@ -115,9 +175,17 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
       stats.handshakesSeen++;
       return;
     }
+    const binary = BINARY.exec(line);
+    if (binary && awaitingBinary !== undefined) {
+      const record = awaitingBinary;
+      awaitingBinary = undefined;
+      record.payload = Buffer.from(binary[1]!, 'hex').toString('latin1');
+      for (const h of handlers) h(record);
+      return;
+    }
     const pdu = PDU.exec(line);
     if (!pdu) return;
-    const [, type, code, mid, optionText, payload] = pdu;
+    const [, type, code, mid, optionText, payload, isBinary] = pdu;
     if (/^\d\.\d\d$/.test(code!)) {
       const req = pendingById.get(mid!);
       if (req !== undefined) {
@@ -143,42 +211,33 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
     };
     requests.push(record);
     pendingById.set(mid!, record);
-    for (const h of handlers) h(record);
+    if (isBinary !== undefined) awaitingBinary = record;
+    else for (const h of handlers) h(record);
   };
 
   const startChild = async () => {
-    if (serverPort === 0) serverPort = await freePortPair();
-    // A default key nobody knows: an identity missing from the table fails the handshake.
-    const defaultKey = randomBytes(16).toString('hex');
-    const proc = spawn(
-      'stdbuf',
-      [
-        ...['-oL', '-eL', PROGRAM, '-A', '127.0.0.1', '-p', String(serverPort)],
-        ...['-d', '1000000', '-v', '7', '-k', defaultKey],
+    // coap-server reports a port taken by someone else and carries on; try another pair.
+    for (let attempt = 0; ; attempt++) {
+      if (serverPort === 0) serverPort = await freePortPair();
+      // A default key nobody knows: an identity missing from the table fails the handshake.
+      const defaultKey = randomBytes(16).toString('hex');
+      const proc = spawnCoapServer(PROGRAM, serverPort, [
+        ...['-d', '1000000', '-k', defaultKey],
         // coap-server refuses an empty identity file.
         ...(hasCredentials ? ['-i', idFile] : []),
-      ],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    child = proc;
-    createInterface({ input: proc.stdout! }).on('line', onLine);
-    createInterface({ input: proc.stderr! }).on('line', onLine);
-    // Ready once it says it created the DTLS endpoint.
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${PROGRAM} did not start`)), 10_000);
-      const ready = (chunk: Buffer) => {
-        if (chunk.toString().includes('created DTLS endpoint')) {
-          clearTimeout(timer);
-          proc.stdout!.off('data', ready);
-          resolve();
-        }
-      };
-      proc.stdout!.on('data', ready);
-      proc.once('exit', (code) => {
-        clearTimeout(timer);
-        reject(new Error(`${PROGRAM} exited with ${code}; is libcoap3-bin installed?`));
-      });
-    });
+      ]);
+      child = proc.child;
+      createInterface({ input: proc.child.stdout! }).on('line', onLine);
+      createInterface({ input: proc.child.stderr! }).on('line', onLine);
+      try {
+        await proc.ready;
+        return;
+      } catch (err) {
+        await stopChild();
+        serverPort = 0;
+        if (attempt >= 4) throw err;
+      }
+    }
   };
 
   const stopChild = async () => {
@@ -211,7 +270,11 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
       upstream.on('error', () => {});
       const f: Flow = { client: rinfo, upstream, upstreamPort: 0, appRecords: [] };
       upstream.on('message', (reply) => {
-        if (!outage) front.send(reply, f.client.port, f.client.address);
+        if (outage) return;
+        // Only application data (CoAP) is held; handshakes go through so sessions still open.
+        if (heldReplies !== undefined && reply[0] === 23)
+          heldReplies.push(() => front.send(reply, f.client.port, f.client.address));
+        else front.send(reply, f.client.port, f.client.address);
       });
       upstream.bind(0, '127.0.0.1', () => {
         f.upstreamPort = upstream.address().port;
@@ -254,6 +317,23 @@ export async function startCoapEndpoint(options: { rateLimit?: number } = {}): P
     },
     setOutage(down) {
       outage = down;
+    },
+    holdReplies(hold) {
+      if (hold) {
+        heldReplies ??= [];
+        return;
+      }
+      const held = heldReplies ?? [];
+      heldReplies = undefined;
+      for (const send of held) send();
+    },
+    async restart() {
+      // coap-server ends every DTLS session with close_notify as it stops.
+      await stopChild();
+      for (const f of flows.values()) f.upstream.close();
+      flows.clear();
+      identityByPort.clear();
+      await startChild();
     },
     setRateLimit(perSecond) {
       rateLimit = perSecond;
