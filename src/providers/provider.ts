@@ -144,3 +144,13 @@ export function plannedReconnect(reason: string): GatewayError {
     details: { reason },
   });
 }
+
+/** The result of an import followed by an export: counts added, each side's details kept. */
+export function combineSyncResults(imported: SyncResult, exported: SyncResult): SyncResult {
+  return {
+    recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
+    recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
+    recordsFailed: imported.recordsFailed + exported.recordsFailed,
+    details: { import: imported.details, export: exported.details },
+  };
+}

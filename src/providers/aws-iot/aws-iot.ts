@@ -2,15 +2,16 @@ import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
-import type {
-  ConnectionTestResult,
-  InboundMessage,
-  OutboundMessage,
-  Provider,
-  ProviderContext,
-  ProviderEvent,
-  ProviderLimits,
-  SyncResult,
+import {
+  combineSyncResults,
+  type ConnectionTestResult,
+  type InboundMessage,
+  type OutboundMessage,
+  type Provider,
+  type ProviderContext,
+  type ProviderEvent,
+  type ProviderLimits,
+  type SyncResult,
 } from '../provider.js';
 import { openMqttLink, type MqttLink } from '../mqtt-link.js';
 import { createPacer, type Pacer } from './pacer.js';
@@ -730,13 +731,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
     bidirectionalSync(signal) {
       return withSession(signal, 'sync', async (session) => {
         const imported = await importDesired(session, signal);
-        const exported = await exportReported(session, signal);
-        return {
-          recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
-          recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
-          recordsFailed: imported.recordsFailed + exported.recordsFailed,
-          details: { import: imported.details, export: exported.details },
-        };
+        return combineSyncResults(imported, await exportReported(session, signal));
       });
     },
 

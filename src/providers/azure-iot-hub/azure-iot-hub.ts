@@ -8,6 +8,7 @@ import { createRateLimiter } from '../../common/rate-limiter.js';
 import { ErrorCodes, GatewayError, errorMessage, toGatewayError } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import {
+  combineSyncResults,
   deviceUnavailable,
   throttled,
   type ConnectionTestResult,
@@ -1040,13 +1041,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
 
     async bidirectionalSync(signal): Promise<SyncResult> {
       const imported = await provider.import(signal);
-      const exported = await provider.export(signal);
-      return {
-        recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
-        recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
-        recordsFailed: imported.recordsFailed + exported.recordsFailed,
-        details: { import: imported.details, export: exported.details },
-      };
+      return combineSyncResults(imported, await provider.export(signal));
     },
 
     async close() {

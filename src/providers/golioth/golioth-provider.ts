@@ -2,14 +2,15 @@ import { readFileSync } from 'node:fs';
 import { Agent, fetch as undiciFetch } from 'undici';
 import { createRateLimiter, type RateLimiter } from '../../common/rate-limiter.js';
 import { ErrorCodes, GatewayError, errorMessage, isGatewayError } from '../../errors.js';
-import type {
-  ConnectionTestResult,
-  InboundMessage,
-  OutboundMessage,
-  Provider,
-  ProviderContext,
-  ProviderEvent,
-  SyncResult,
+import {
+  combineSyncResults,
+  type ConnectionTestResult,
+  type InboundMessage,
+  type OutboundMessage,
+  type Provider,
+  type ProviderContext,
+  type ProviderEvent,
+  type SyncResult,
 } from '../provider.js';
 import { createHttpClient } from '../http-client.js';
 import { throttled } from '../provider.js';
@@ -419,13 +420,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
 
     async bidirectionalSync(signal): Promise<SyncResult> {
       const imported = await provider.import(signal);
-      const exported = await provider.export(signal);
-      return {
-        recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
-        recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
-        recordsFailed: imported.recordsFailed + exported.recordsFailed,
-        details: { import: imported.details, export: exported.details },
-      };
+      return combineSyncResults(imported, await provider.export(signal));
     },
 
     async close() {

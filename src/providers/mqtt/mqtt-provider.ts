@@ -5,13 +5,14 @@ import { expandTemplate } from '../../common/topic-template.js';
 import type { Logger } from '../../logger.js';
 import { redactUrl } from '../../logger.js';
 import { DEFAULT_MAX_INFLIGHT, openMqttLink, type MqttLink, type MqttSubscription } from '../mqtt-link.js';
-import type {
-  ConnectionTestResult,
-  InboundMessage,
-  OutboundMessage,
-  Provider,
-  ProviderContext,
-  SyncResult,
+import {
+  combineSyncResults,
+  type ConnectionTestResult,
+  type InboundMessage,
+  type OutboundMessage,
+  type Provider,
+  type ProviderContext,
+  type SyncResult,
 } from '../provider.js';
 import { createEchoFilter } from './echo-filter.js';
 import { mqttSettingsSchema, type MqttSettings } from './settings.js';
@@ -469,13 +470,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
 
     async bidirectionalSync(signal): Promise<SyncResult> {
       const imported = await provider.import(signal);
-      const exported = await provider.export(signal);
-      return {
-        recordsProcessed: imported.recordsProcessed + exported.recordsProcessed,
-        recordsSucceeded: imported.recordsSucceeded + exported.recordsSucceeded,
-        recordsFailed: imported.recordsFailed + exported.recordsFailed,
-        details: { import: imported.details, export: exported.details },
-      };
+      return combineSyncResults(imported, await provider.export(signal));
     },
 
     async close() {
