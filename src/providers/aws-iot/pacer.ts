@@ -1,3 +1,6 @@
+import { createQuotaLimiter } from '../../common/quota-limiter.js';
+import { refillTokens, type TokenBucket } from '../../common/rate-limiter.js';
+
 /** Hands out send slots at a fixed rate, first come first served, so pacing never reorders. */
 export interface Pacer {
   /** Resolves when this caller may send; callers are served in call order. */
@@ -8,8 +11,8 @@ export interface Pacer {
 
 /**
  * Two rules together. No window of one second ever holds more than `perSecond` sends (a log of
- * the last `perSecond` send times), whichever way the far side counts: a sliding window, fixed
- * windows or a bucket of a second's worth. And a token bucket with a small burst spreads them
+ * the last `perSecond` send times: common/quota-limiter), whichever way the far side counts: a sliding window, fixed
+ * windows or a bucket of a second's worth. And a token bucket (common/rate-limiter) with a small burst spreads them
  * out: a full second's worth sent at once leaves no room for the network to bunch packets
  * together, so a link that never exceeds the rate could still look as if it did.
  */
@@ -19,27 +22,22 @@ export function createPacer(
 ): Pacer {
   const burst = options.burst ?? Math.max(1, Math.floor(perSecond / 10));
   const queue: { resolve(): void; reject(err: Error): void }[] = [];
-  let tokens = burst;
-  let last = performance.now();
   let timer: NodeJS.Timeout | undefined;
-  /** Ring of the last `perSecond` send times. */
-  const sent = new Array<number>(perSecond).fill(-Infinity);
-  let oldest = 0;
+  const bucket: TokenBucket = { tokens: burst, at: performance.now() };
+  const window = createQuotaLimiter({ rate: perSecond });
 
   /** Takes a slot and returns 0, or returns the ms until one is due. */
   const take = (): number => {
     const now = performance.now();
-    tokens = Math.min(burst, tokens + ((now - last) * perSecond) / 1000);
-    last = now;
-    const windowWait = sent[oldest]! + 1000 - now;
-    if (tokens >= 1 && windowWait <= 0) {
-      tokens -= 1;
-      sent[oldest] = now;
-      oldest = (oldest + 1) % perSecond;
+    refillTokens(bucket, perSecond, burst, now);
+    const windowWait = window.peek();
+    if (bucket.tokens >= 1 && windowWait === 0) {
+      bucket.tokens -= 1;
+      window.take();
       options.onSlot?.(now);
       return 0;
     }
-    const bucketWait = tokens >= 1 ? 0 : ((1 - tokens) * 1000) / perSecond;
+    const bucketWait = bucket.tokens >= 1 ? 0 : ((1 - bucket.tokens) * 1000) / perSecond;
     return Math.max(1, Math.ceil(Math.max(bucketWait, windowWait)));
   };
 
