@@ -12,8 +12,9 @@ interface InFlight {
   counter: number;
   /** The held emit, once the publish reached it. */
   emit?: () => void;
-  /** Emitted, or finished without emitting (refused, store failed). */
-  over: boolean;
+  emitted: boolean;
+  /** Its publish ended (a refused or failed one without an emit). */
+  finished: boolean;
 }
 
 /**
@@ -36,20 +37,37 @@ export function keepEmitOrder(aedes: Aedes): void {
   };
   const queue: InFlight[] = [];
   let head = 0;
-  const byCounter = new Map<number, InFlight>();
+  /** Publishes not yet emitted, per counter (a will from before a restart may reuse one). */
+  const byCounter = new Map<number, InFlight[]>();
 
+  const forget = (entry: InFlight): void => {
+    const same = byCounter.get(entry.counter);
+    if (!same) return;
+    const i = same.indexOf(entry);
+    if (i >= 0) same.splice(i, 1);
+    if (same.length === 0) byCounter.delete(entry.counter);
+  };
+
+  // An emit can run a nested publish or its done (both drain): only the outer loop moves the head.
+  let draining = false;
   const drain = (): void => {
-    while (head < queue.length) {
-      const first = queue[head]!;
-      if (!first.over) {
-        if (!first.emit) break;
+    if (draining) return;
+    draining = true;
+    try {
+      while (head < queue.length) {
+        const first = queue[head]!;
         const emit = first.emit;
-        first.emit = undefined;
-        first.over = true;
-        emit();
+        if (!emit && !first.emitted && !first.finished) break;
+        head++;
+        forget(first);
+        if (emit) {
+          first.emit = undefined;
+          first.emitted = true;
+          emit();
+        }
       }
-      byCounter.delete(first.counter);
-      head++;
+    } finally {
+      draining = false;
     }
     if (head === queue.length) {
       queue.length = 0;
@@ -66,17 +84,16 @@ export function keepEmitOrder(aedes: Aedes): void {
       done = client as Done;
       client = null;
     }
-    // aedes numbers the packet synchronously at the start of publish (a forwarded one keeps its own).
+    // aedes numbers the packet synchronously at the start of publish (a stored will keeps its own).
     const counter = packet.brokerCounter || broker.counter + 1;
-    const entry: InFlight = { counter, over: false };
+    const entry: InFlight = { counter, emitted: false, finished: false };
     queue.push(entry);
-    byCounter.set(counter, entry);
+    const same = byCounter.get(counter);
+    if (same) same.push(entry);
+    else byCounter.set(counter, [entry]);
     publish(packet, client, (err) => {
-      if (!entry.over) {
-        entry.over = true;
-        entry.emit = undefined;
-        drain();
-      }
+      entry.finished = true;
+      drain();
       done?.(err);
     });
   };
@@ -85,9 +102,9 @@ export function keepEmitOrder(aedes: Aedes): void {
   broker.mq.emit = (packet, done) => {
     const entry =
       packet.brokerId === broker.id && typeof packet.brokerCounter === 'number'
-        ? byCounter.get(packet.brokerCounter)
+        ? byCounter.get(packet.brokerCounter)?.find((e) => !e.emit && !e.emitted && !e.finished)
         : undefined;
-    if (!entry || entry.over) {
+    if (!entry) {
       emit(packet, done);
       return;
     }
