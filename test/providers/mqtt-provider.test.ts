@@ -209,25 +209,33 @@ describe('mqtt provider', () => {
     expect(providerRegistry.mqtt).toBe(createMqttProvider);
   });
 
-  it('refuses a type without a factory with GW_ERR_PROVIDER_UNSUPPORTED', () => {
+  it('refuses a type without a factory with GW_ERR_PROVIDER_UNSUPPORTED naming the available types', () => {
     h = setUp();
     const integration = configSchema.parse({
       gateway: { id: 'gw-test' },
       integrations: [{ name: 'x', id: randomUUID(), type: 'mqtt', settings: { url: MOSQUITTO } }],
     }).integrations[0]!;
+    // Every configurable type has a factory in providerRegistry; a gateway given fewer (as
+    // createGateway takes injected factories) must refuse the missing one in one clear sentence.
     const err = (() => {
       try {
-        createProvider({
-          gatewayId: 'gw-test',
-          integration: { ...integration, type: 'golioth' },
-          logger: createLogger({ level: 'silent', gatewayId: 'gw-test' }),
-        });
+        createProvider(
+          {
+            gatewayId: 'gw-test',
+            integration: { ...integration, type: 'golioth' },
+            logger: createLogger({ level: 'silent', gatewayId: 'gw-test' }),
+          },
+          { mqtt: createMqttProvider },
+        );
       } catch (e) {
         return e as GatewayError;
       }
       return undefined;
     })();
+    expect(err).toBeInstanceOf(GatewayError);
     expect(err?.code).toBe(ErrorCodes.PROVIDER_UNSUPPORTED);
+    expect(err?.retryable).toBe(false);
+    expect(err?.message).toBe('the golioth provider is not available in this release; available: mqtt');
   });
 
   it('publishes through the first matching outbound rule and resolves on PUBACK', async () => {

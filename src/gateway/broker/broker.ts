@@ -19,6 +19,7 @@ import {
   type EffectiveAcl,
 } from './acl.js';
 import { createConnectRateLimiter } from './admission.js';
+import { keepEmitOrder } from './emit-order.js';
 import {
   createDeviceAuthenticator,
   revocationReason,
@@ -458,6 +459,8 @@ export function createBroker(options: BrokerOptions): Broker {
       }
     },
   });
+
+  keepEmitOrder(aedes);
 
   const presence = (session: Session, online: boolean) => {
     try {

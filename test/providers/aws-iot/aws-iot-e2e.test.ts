@@ -164,10 +164,7 @@ describe('aws-iot end to end', () => {
   });
 
   it('AWS → gateway → device: desired state (retained) and a command, and the response back', async () => {
-    // With broker.persistence: sqlite (the default since the persistence merge) a retained publish
-    // from a provider to a device already subscribed never arrives (aedes' publish callback never
-    // comes; memory persistence delivers it): reported to the lead, not this provider's doing.
-    const site = await startSite({ brokerPersistence: 'memory' });
+    const site = await startSite();
     await site.sim.waitFor(() => site.sim.clients().length === 1, 20_000, 'the gateway link');
     const pump = await site.device('pump-2');
     const got: { topic: string; payload: string; retain: boolean }[] = [];
