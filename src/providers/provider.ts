@@ -154,3 +154,17 @@ export function combineSyncResults(imported: SyncResult, exported: SyncResult): 
     details: { import: imported.details, export: exported.details },
   };
 }
+
+/** A connection test that failed: the time it took from `startedAt` (performance.now()), what was checked, why. */
+export function failedConnectionTest(
+  startedAt: number,
+  details: Record<string, unknown>,
+  error: GatewayError,
+): ConnectionTestResult {
+  return {
+    ok: false,
+    latencyMs: Math.round(performance.now() - startedAt),
+    details,
+    error: { code: error.code, message: error.message },
+  };
+}

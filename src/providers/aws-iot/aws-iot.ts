@@ -4,6 +4,7 @@ import { ErrorCodes, GatewayError, errorMessage } from '../../errors.js';
 import type { Logger } from '../../logger.js';
 import {
   combineSyncResults,
+  failedConnectionTest,
   type ConnectionTestResult,
   type InboundMessage,
   type OutboundMessage,
@@ -710,13 +711,7 @@ export function createAwsIotProvider(context: ProviderContext): Provider {
           return { ok: true, latencyMs: Math.round(performance.now() - started), details };
         });
       } catch (err) {
-        const e = asGatewayError(err);
-        return {
-          ok: false,
-          latencyMs: Math.round(performance.now() - started),
-          details,
-          error: { code: e.code, message: e.message },
-        };
+        return failedConnectionTest(started, details, asGatewayError(err));
       }
     },
 

@@ -9,6 +9,7 @@ import { ErrorCodes, GatewayError, errorMessage, toGatewayError } from '../../er
 import type { Logger } from '../../logger.js';
 import {
   combineSyncResults,
+  failedConnectionTest,
   deviceUnavailable,
   throttled,
   type ConnectionTestResult,
@@ -945,13 +946,7 @@ export function createAzureIotHubProvider(context: ProviderContext): Provider {
         }
         return { ok: true, latencyMs: Math.round(performance.now() - started), details };
       } catch (err) {
-        const e = toGatewayError(err, ErrorCodes.PROVIDER_CONNECT);
-        return {
-          ok: false,
-          latencyMs: Math.round(performance.now() - started),
-          details,
-          error: { code: e.code, message: e.message },
-        };
+        return failedConnectionTest(started, details, toGatewayError(err, ErrorCodes.PROVIDER_CONNECT));
       }
     },
 

@@ -4,6 +4,7 @@ import { createRateLimiter, type RateLimiter } from '../../common/rate-limiter.j
 import { ErrorCodes, GatewayError, errorMessage, isGatewayError } from '../../errors.js';
 import {
   combineSyncResults,
+  failedConnectionTest,
   type ConnectionTestResult,
   type InboundMessage,
   type OutboundMessage,
@@ -314,13 +315,7 @@ export function createGoliothProvider(context: ProviderContext): Provider {
           details: { ...details, projectName: project.name },
         };
       } catch (err) {
-        const e = explain(err, settings);
-        return {
-          ok: false,
-          latencyMs: Math.round(performance.now() - started),
-          details,
-          error: { code: e.code, message: e.message },
-        };
+        return failedConnectionTest(started, details, explain(err, settings));
       }
     },
 

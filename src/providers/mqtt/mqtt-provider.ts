@@ -7,6 +7,7 @@ import { redactUrl } from '../../logger.js';
 import { DEFAULT_MAX_INFLIGHT, openMqttLink, type MqttLink, type MqttSubscription } from '../mqtt-link.js';
 import {
   combineSyncResults,
+  failedConnectionTest,
   type ConnectionTestResult,
   type InboundMessage,
   type OutboundMessage,
@@ -396,13 +397,7 @@ export function createMqttProvider(context: ProviderContext): Provider {
         await opened.close();
         return { ok: true, latencyMs: opened.latencyMs, details };
       } catch (err) {
-        const e = toGatewayError(err, ErrorCodes.PROVIDER_CONNECT);
-        return {
-          ok: false,
-          latencyMs: Math.round(performance.now() - started),
-          details,
-          error: { code: e.code, message: e.message },
-        };
+        return failedConnectionTest(started, details, toGatewayError(err, ErrorCodes.PROVIDER_CONNECT));
       }
     },
 
