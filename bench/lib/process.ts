@@ -24,7 +24,12 @@ export interface Child {
  * ends them all (`killAll` is synchronous for use in exit handlers).
  */
 export interface ProcessGroup {
-  spawn(name: string, command: string, args: readonly string[], opts?: { cwd?: string }): Child;
+  spawn(
+    name: string,
+    command: string,
+    args: readonly string[],
+    opts?: { cwd?: string; env?: Readonly<Record<string, string>> },
+  ): Child;
   killAll(): void;
   stopAll(): Promise<void>;
 }
@@ -38,9 +43,13 @@ export function createProcessGroup(): ProcessGroup {
     name: string,
     command: string,
     args: readonly string[],
-    opts: { cwd?: string } = {},
+    opts: { cwd?: string; env?: Readonly<Record<string, string>> } = {},
   ) => {
-    const proc = spawn(command, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const proc = spawn(command, args, {
+      cwd: opts.cwd,
+      env: opts.env === undefined ? process.env : { ...process.env, ...opts.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     if (proc.pid === undefined) throw new Error(`could not start ${name}: ${command}`);
     const lines: string[] = [];
     const waiters = new Set<{ pattern: RegExp; resolve: (line: string) => void }>();

@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomUUID } from 'node:crypto';
@@ -60,6 +60,39 @@ export function gatewayAvailable(root: string): boolean {
 }
 
 const READY_TIMEOUT_MS = 30_000;
+
+/** How the systemd unit starts the daemon: node's options before the script, and the environment. */
+export interface UnitLaunch {
+  nodeArgs: string[];
+  env: Record<string, string>;
+}
+
+/**
+ * The gateway runs in the bench as its unit runs it in production: the node options of
+ * `ExecStart=` and the `Environment=` settings of systemd/iot-gateway.service (the allocator
+ * and heap settings that bound its memory), except the config path, which the bench sets.
+ */
+export function unitLaunch(root: string): UnitLaunch {
+  const unit = readFileSync(join(root, 'systemd', 'iot-gateway.service'), 'utf8');
+  const env: Record<string, string> = {};
+  let nodeArgs: string[] = [];
+  for (const line of unit.split('\n')) {
+    const setting = /^(Environment|ExecStart)=(.*)$/.exec(line.trim());
+    if (setting === null) continue;
+    const value = setting[2]!;
+    if (setting[1] === 'Environment') {
+      const eq = value.indexOf('=');
+      const key = value.slice(0, eq);
+      if (eq > 0 && key !== 'IOT_GATEWAY_CONFIG') env[key] = value.slice(eq + 1);
+    } else {
+      const words = value.split(/\s+/);
+      const script = words.findIndex((w) => w.endsWith('/dist/cli.js'));
+      if (script < 1) throw new Error(`cannot read the node options of ExecStart=${value}`);
+      nodeArgs = words.slice(1, script);
+    }
+  }
+  return { nodeArgs, env };
+}
 
 /** Changes to the gateway's bench config: broker keys merged in; no integration at all. */
 export interface GatewayOverrides {
@@ -153,10 +186,12 @@ export async function startSystem(
       };
       const confPath = join(dir, 'gateway.yaml');
       await writeFile(confPath, stringify(config));
+      const launch = unitLaunch(ctx.root);
       const child = ctx.group.spawn(
         'gateway',
         process.execPath,
         [
+          ...launch.nodeArgs,
           // BENCH_PROFILE=DIR writes a V8 CPU profile of the gateway there (open it in Chrome DevTools).
           ...(process.env.BENCH_PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] : []),
           // BENCH_GATEWAY_NODE_ARGS: extra node options for the gateway only (e.g. --heapsnapshot-signal=SIGUSR2).
@@ -166,9 +201,7 @@ export async function startSystem(
           '-c',
           confPath,
         ],
-        {
-          cwd: dir,
-        },
+        { cwd: dir, env: launch.env },
       );
       pin(child.pid, 'system');
       await readyOrStop(child, /"msg":"gateway_ready"/);

@@ -6,7 +6,7 @@ import {
   type SyncDirection,
 } from '../gateway/operations.js';
 import { createProviderContext } from '../gateway/provider-context.js';
-import { createProvider } from '../providers/registry.js';
+import { createProvider, loadProviders } from '../providers/registry.js';
 import { createReportedState } from '../store/reported-state.js';
 import {
   EXIT_FAILURE,
@@ -33,6 +33,7 @@ async function withIntegration<T>(
   const loaded = loadForCommand(io);
   const integration = findIntegration(loaded, name);
   const logger = commandLogger(loaded);
+  await loadProviders([integration.type]);
   const { store, activity } = openStoreForCommand(loaded, logger);
   // Read once from the store: what the daemon last wrote (this process merges nothing).
   const reported = createReportedState({ db: store.db, logger });

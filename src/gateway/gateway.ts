@@ -1,7 +1,7 @@
 import type { Config, IntegrationConfig } from '../config/schema.js';
 import { ErrorCodes } from '../errors.js';
 import type { Logger } from '../logger.js';
-import { providerRegistry, type ProviderFactories } from '../providers/registry.js';
+import { loadProviders, providerRegistry, type ProviderFactories } from '../providers/registry.js';
 import { createActivityLog, type ActivityLog } from '../store/activity-log.js';
 import {
   createBrokerPersistence,
@@ -68,6 +68,9 @@ export function createGateway(options: GatewayOptions): Gateway {
   const now = options.now ?? Date.now;
   const notifier = options.notifier ?? createSystemdNotifier({ logger });
   const providers = options.providers ?? providerRegistry;
+  /** Built-in providers are loaded on first use (injected ones are already there). */
+  const loadProvidersOf = (list: readonly IntegrationConfig[]): Promise<void> =>
+    options.providers ? Promise.resolve() : loadProviders(list.filter((i) => i.enabled).map((i) => i.type));
   const startedAt = now();
 
   // Created in start(), in this order; stop() undoes them in reverse.
@@ -107,6 +110,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         brokerPersistence?.updateLimits(brokerPersistenceLimits(next.broker));
       }
       ingest?.setIntegrations(next.integrations);
+      await loadProvidersOf(next.integrations);
       await reconcileIntegrations(integrations, next.integrations, {
         start: startIntegration,
         stop: stopIntegration,
@@ -239,6 +243,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       });
       stopAlerts = watchFailures({ activity, logger, integrations: () => config().integrations });
       boundListeners = await broker.listen();
+      await loadProvidersOf(cfg.integrations);
       checkAbort();
       for (const integration of cfg.integrations) if (integration.enabled) startIntegration(integration);
       if (cfg.http.enabled) {

@@ -122,7 +122,15 @@ describe('iot-gateway.service', () => {
     expect(s.get('UMask')).toEqual(['0077']);
     expect(s.get('CapabilityBoundingSet')).toEqual(['']);
     expect(s.get('ExecStart')?.[0]).toMatch(
-      /^\/usr\/bin\/node \/opt\/iot-gateway\/dist\/cli\.js run -c \/etc\/iot-gateway\/gateway\.yaml$/,
+      /^\/usr\/bin\/node --max-semi-space-size=8 --heap-growing-percent=20 \/opt\/iot-gateway\/dist\/cli\.js run -c \/etc\/iot-gateway\/gateway\.yaml$/,
+    );
+    // The memory bounds the bench measures (issue 11) come with the unit.
+    expect(s.get('Environment')).toEqual(
+      expect.arrayContaining([
+        'MALLOC_ARENA_MAX=2',
+        'MALLOC_MMAP_THRESHOLD_=65536',
+        'MALLOC_TRIM_THRESHOLD_=131072',
+      ]),
     );
     // V8's JIT aborts under MemoryDenyWriteExecute (nodejs/node#55509).
     expect(s.has('MemoryDenyWriteExecute')).toBe(false);
@@ -157,7 +165,7 @@ describe('install.sh and uninstall.sh into a staging root', () => {
     expect(mode(unit)).toBe('0644');
     expect(readFileSync(unit, 'utf8')).toMatch(
       new RegExp(
-        `^ExecStart=${NODE.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')} /opt/iot-gateway/dist/cli\\.js run `,
+        `^ExecStart=${NODE.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')} --max-semi-space-size=8 --heap-growing-percent=20 /opt/iot-gateway/dist/cli\\.js run `,
         'm',
       ),
     );

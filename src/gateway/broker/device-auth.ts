@@ -71,7 +71,11 @@ export interface DeviceAuthenticator {
 export interface DeviceAuthOptions {
   config: Config['broker'];
   verifier?: PasswordVerifier;
-  /** scrypt runs in libuv's pool (4 threads by default): bound how much of it logins may take. */
+  /**
+   * scrypt runs in libuv's pool (4 threads by default), next to the WAL syncs every durable
+   * PUBACK waits for: logins take at most this many threads (default 2), so a login storm
+   * neither starves the syncs nor holds more than two of scrypt's 16 MiB blocks at once.
+   */
   maxConcurrentVerifications?: number;
   /** Logins waiting beyond this are answered "server unavailable" instead of queueing forever. */
   maxQueuedVerifications?: number;
@@ -101,7 +105,7 @@ export function isSafeIdentifier(value: string): boolean {
 export function createDeviceAuthenticator(options: DeviceAuthOptions): DeviceAuthenticator {
   // The login cache below is keyed by device and dropped on reload; the verifier need not cache.
   const verifier = options.verifier ?? createPasswordVerifier({ cacheSize: 0 });
-  const maxConcurrent = options.maxConcurrentVerifications ?? 4;
+  const maxConcurrent = options.maxConcurrentVerifications ?? 2;
   const maxQueued = options.maxQueuedVerifications ?? 1000;
   const now = options.now ?? (() => performance.now());
   let config = options.config;

@@ -12,9 +12,12 @@ import type {
   Provider,
   ProviderEvent,
 } from '../../../src/providers/provider.js';
-import { createProvider } from '../../../src/providers/registry.js';
+import { createProvider, loadProviders } from '../../../src/providers/registry.js';
 import type { AwsIotSim } from '../../sims/aws-iot/aws-iot-sim.js';
 import { createAwsWorld, SIM_ENDPOINT, type AwsWorld } from '../../sims/aws-iot/fixture.js';
+
+// Built-in providers load on first use; the gateway loads them as it does here.
+await loadProviders(['aws-iot']);
 
 let world: AwsWorld;
 const cleanups: (() => Promise<void> | void)[] = [];

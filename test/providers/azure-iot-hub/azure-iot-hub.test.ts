@@ -10,10 +10,13 @@ import type {
   Provider,
   ProviderEvent,
 } from '../../../src/providers/provider.js';
-import { createProvider } from '../../../src/providers/registry.js';
+import { createProvider, loadProviders } from '../../../src/providers/registry.js';
 import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
 import { createTestPki, type TestPki } from '../../helpers/certs.js';
 import { createAzureHubSim, type AzureHubSim } from '../../sims/azure-iot-hub/azure-iot-hub-sim.js';
+
+// Built-in providers load on first use; the gateway loads them as it does here.
+await loadProviders(['azure-iot-hub']);
 
 const key = () => randomBytes(32).toString('base64');
 const policyKey = key();

@@ -8,10 +8,13 @@ import type {
   Provider,
   ProviderEvent,
 } from '../../../src/providers/provider.js';
-import { createProvider } from '../../../src/providers/registry.js';
+import { createProvider, loadProviders } from '../../../src/providers/registry.js';
 import { createTestPki, type TestPki } from '../../helpers/certs.js';
 import { createCaptureLogger, type LogRecord } from '../../helpers/capture-logger.js';
 import { startGoliothSim, type GoliothSim } from '../../sims/golioth/golioth-sim.js';
+
+// Built-in providers load on first use; the gateway loads them as it does here.
+await loadProviders(['golioth']);
 
 // The golioth provider against the Golioth simulator (test/sims/golioth): REST over HTTPS with
 // the test CA, CoAP over DTLS-PSK through coap-server-openssl.
