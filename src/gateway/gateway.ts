@@ -104,13 +104,14 @@ export function createGateway(options: GatewayOptions): Gateway {
     stopping: () => stopping,
     refreshFiles: refreshTlsFiles,
     async apply(next, prev, changed) {
+      // First, so that a provider module that cannot load leaves nothing half applied.
+      await loadProvidersOf(next.integrations);
       if (next.gateway.log.level !== prev.gateway.log.level) options.setLogLevel?.(next.gateway.log.level);
       if (changed.some((p) => p.startsWith('broker.'))) {
         broker?.updateConfig(next.broker);
         brokerPersistence?.updateLimits(brokerPersistenceLimits(next.broker));
       }
       ingest?.setIntegrations(next.integrations);
-      await loadProvidersOf(next.integrations);
       await reconcileIntegrations(integrations, next.integrations, {
         start: startIntegration,
         stop: stopIntegration,
