@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+// First: MQTT packages must find a quiet `debug` when they load (see quiet-debug.ts).
+import './quiet-debug.js';
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';

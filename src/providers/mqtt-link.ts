@@ -44,10 +44,11 @@ import {
   type MqttClient,
   type Packet,
 } from 'mqtt';
-import { generate, type IPubackPacket } from 'mqtt-packet';
+import type { IPubackPacket } from 'mqtt-packet';
 import { ErrorCodes, GatewayError, errorMessage, type ErrorCode } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { redactUrl } from '../logger.js';
+import { createPubackSplitter, encodePublish, PacketTooLargeError } from './mqtt-wire.js';
 import { throttled } from './provider.js';
 
 export interface MqttCredentials {
@@ -245,6 +246,23 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
   );
   const started = performance.now();
 
+  /**
+   * QoS 0 and 1 publishes without properties bypass mqtt.js (see mqtt-wire.ts): each is one
+   * buffer written on the link's socket, its PUBACK taken out of the incoming bytes before
+   * mqtt.js parses them and matched here by packet id. Packet ids come from mqtt.js's own
+   * allocator, so they never clash with its subscribes and publishes, whose PUBACKs it still gets.
+   */
+  const fastAcks = new Map<number, (reasonCode: number | undefined) => void>();
+  const claimAck = (messageId: number, reasonCode: number | undefined): boolean => {
+    const settle = fastAcks.get(messageId);
+    if (settle === undefined) return false;
+    fastAcks.delete(messageId);
+    releaseId(messageId);
+    settle(reasonCode);
+    return true;
+  };
+  let releaseId = (_messageId: number): void => {};
+
   const opened = await new Promise<{
     client: MqttClient;
     connack: IConnackPacket;
@@ -254,7 +272,10 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
     let lastError: Error | undefined;
     const client = connect(options.url, clientOptions);
     if (options.bridgeMode) setBridgeFlag(client);
+    const ids = client.messageIdProvider;
+    releaseId = (messageId) => ids.deallocate(messageId);
     client.connect();
+    splitIncoming(client, createPubackSplitter(options.protocolVersion, claimAck));
     // Without an 'error' listener mqtt.js would throw; errors are read when the link closes.
     client.on('error', (err) => {
       lastError = err;
@@ -346,27 +367,13 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
   );
   sweep.unref();
 
-  /**
-   * QoS 0 and 1 publishes without properties bypass mqtt.js: one packet serialised by mqtt-packet into
-   * one buffer, written on the link's socket, its PUBACK matched here by packet id. mqtt.js's
-   * per-message path (options, outgoing store, a write per packet field, trace calls) was a fifth
-   * of the gateway's CPU under load (measured); every MQTT cloud shares this link. Packet ids come
-   * from mqtt.js's own allocator, so they never clash with its subscribes; a PUBACK for an id it
-   * does not know is ignored by it.
-   */
-  const fastAcks = new Map<number, (reasonCode: number | undefined) => void>();
   const ids = client.messageIdProvider;
+  // Where the splitter could not be put in front of mqtt.js, PUBACKs arrive here instead.
   client.on('packetreceive', (packet) => {
     if (packet.cmd !== 'puback' || fastAcks.size === 0) return;
-    const { messageId } = packet as IPubackPacket;
-    if (messageId === undefined) return;
-    const settle = fastAcks.get(messageId);
-    if (settle === undefined) return;
-    fastAcks.delete(messageId);
-    ids.deallocate(messageId);
-    settle((packet as IPubackPacket).reasonCode);
+    const { messageId, reasonCode } = packet as IPubackPacket;
+    if (messageId !== undefined) claimAck(messageId, reasonCode);
   });
-  const generateOptions = { protocolVersion: options.protocolVersion };
   // The publishes of one turn of the loop leave in one writev, not one syscall each.
   let corked = false;
   const uncork = () => {
@@ -483,24 +490,31 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
 
     publish(topic, payload, publishOptions) {
       if (state !== 'up' || !client.connected) return Promise.reject(unavailable());
-      if (publishOptions.qos === 0 && publishOptions.properties === undefined) {
-        // The same path as QoS 1, so a queue's QoS 0 and QoS 1 rows leave in the order they have.
-        return track<void>(topic, performance.now() + publishTimeoutMs, (settle) => {
-          const packet = {
-            cmd: 'publish' as const,
-            topic,
-            payload,
-            qos: 0 as const,
-            retain: publishOptions.retain ?? false,
-            dup: false,
-          };
-          write(generate(packet, generateOptions), () => settle(undefined));
-        });
-      }
-      if (publishOptions.qos === 1 && publishOptions.properties === undefined) {
-        const messageId = ids.allocate();
+      const { qos } = publishOptions;
+      if ((qos === 0 || qos === 1) && publishOptions.properties === undefined) {
+        // QoS 0 takes the same path as QoS 1, so a queue's QoS 0 and 1 rows leave in their order.
+        const messageId = qos === 1 ? ids.allocate() : 0;
         // Only with 65,535 publishes outstanding could an id still be waiting: mqtt.js then decides.
-        if (messageId !== null && !fastAcks.has(messageId)) {
+        if (messageId !== null && (qos === 0 || !fastAcks.has(messageId))) {
+          let bytes: Buffer;
+          try {
+            bytes = encodePublish(
+              topic,
+              payload,
+              qos,
+              publishOptions.retain ?? false,
+              messageId,
+              options.protocolVersion,
+            );
+          } catch (err) {
+            if (qos === 1) ids.deallocate(messageId);
+            return Promise.reject(tooLarge(err, endpoint, topic));
+          }
+          if (qos === 0) {
+            return track<void>(topic, performance.now() + publishTimeoutMs, (settle) =>
+              write(bytes, () => settle(undefined)),
+            );
+          }
           return track<void>(
             topic,
             performance.now() + publishTimeoutMs,
@@ -520,16 +534,7 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
                     ),
                   );
               });
-              const packet = {
-                cmd: 'publish' as const,
-                topic,
-                payload,
-                qos: 1 as const,
-                retain: publishOptions.retain ?? false,
-                dup: false,
-                messageId,
-              };
-              write(generate(packet, generateOptions));
+              write(bytes);
             },
             // A publish that timed out must not keep its id waiting for a PUBACK.
             () => fastAcks.delete(messageId),
@@ -618,6 +623,33 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
     },
   };
   return link;
+}
+
+/**
+ * Puts `split` between the link's socket and mqtt.js's parser, which reads the socket through
+ * `pipe` (one 'data' listener). Where that is not what it finds, it changes nothing and the
+ * PUBACKs of the fast path reach the 'packetreceive' handler instead.
+ */
+function splitIncoming(client: MqttClient, split: (chunk: Buffer) => Buffer | undefined): void {
+  const stream = client.stream;
+  const readers = stream.listeners('data');
+  if (readers.length !== 1) return;
+  const parse = readers[0] as (chunk: Buffer) => void;
+  stream.removeListener('data', parse);
+  stream.on('data', (chunk: Buffer) => {
+    const rest = split(chunk);
+    if (rest !== undefined) parse.call(stream, rest);
+  });
+}
+
+/** A message MQTT cannot carry (topic over 64 KiB, packet over 256 MiB) goes to dead letters. */
+function tooLarge(err: unknown, endpoint: string, topic: string): GatewayError {
+  const final = err instanceof PacketTooLargeError;
+  return new GatewayError(
+    final ? ErrorCodes.PROVIDER_TOO_LARGE : ErrorCodes.PROVIDER_REJECTED,
+    `cannot publish to ${endpoint} on ${topic.slice(0, 200)}: ${errorMessage(err)}`,
+    { retryable: !final, cause: err, details: { topic: topic.slice(0, 200) } },
+  );
 }
 
 function readPem(what: string, value: string | Buffer | undefined, owner: string): Buffer | undefined {
