@@ -252,16 +252,58 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
    * mqtt.js parses them and matched here by packet id. Packet ids come from mqtt.js's own
    * allocator, so they never clash with its subscribes and publishes, whose PUBACKs it still gets.
    */
-  const fastAcks = new Map<number, (reasonCode: number | undefined) => void>();
+  const fastAcks = new Map<number, { acked(reasonCode: number | undefined): void }>();
   const claimAck = (messageId: number, reasonCode: number | undefined): boolean => {
-    const settle = fastAcks.get(messageId);
-    if (settle === undefined) return false;
+    const waiting = fastAcks.get(messageId);
+    if (waiting === undefined) return false;
     fastAcks.delete(messageId);
     releaseId(messageId);
-    settle(reasonCode);
+    waiting.acked(reasonCode);
     return true;
   };
   let releaseId = (_messageId: number): void => {};
+  /**
+   * A QoS 1 publish of the fast path waiting for its PUBACK: one object per message (no closures),
+   * settled once by its PUBACK, its deadline, the loss of the link or close().
+   */
+  class AckWait implements Pending {
+    private done = false;
+    constructor(
+      readonly topic: string,
+      readonly deadline: number,
+      private readonly messageId: number,
+      private readonly resolve: () => void,
+      private readonly reject: (err: GatewayError) => void,
+    ) {}
+
+    acked(reasonCode: number | undefined): void {
+      // MQTT 5: below 0x80 is success (0x10: no matching subscribers).
+      if (reasonCode === undefined || reasonCode < 0x80) this.settle(undefined);
+      else
+        this.settle(
+          classifyPublishError(
+            Object.assign(new Error(`Publish error: reason code ${reasonCode}`), { code: reasonCode }),
+            endpoint,
+            this.topic,
+            options.quotaRetryAfterMs ?? 1000,
+          ),
+        );
+    }
+
+    fail(err: GatewayError): void {
+      // A publish that timed out must not keep its id waiting for a PUBACK.
+      if (fastAcks.get(this.messageId) === this) fastAcks.delete(this.messageId);
+      this.settle(err);
+    }
+
+    private settle(err: GatewayError | undefined): void {
+      if (this.done) return;
+      this.done = true;
+      pending.delete(this);
+      if (err === undefined) this.resolve();
+      else this.reject(err);
+    }
+  }
 
   const opened = await new Promise<{
     client: MqttClient;
@@ -515,30 +557,18 @@ export async function openMqttLink(options: MqttLinkOptions, signal: AbortSignal
               write(bytes, () => settle(undefined)),
             );
           }
-          return track<void>(
-            topic,
-            performance.now() + publishTimeoutMs,
-            (settle) => {
-              fastAcks.set(messageId, (reasonCode) => {
-                // MQTT 5: below 0x80 is success (0x10: no matching subscribers).
-                if (reasonCode === undefined || reasonCode < 0x80) settle(undefined);
-                else
-                  settle(
-                    classifyPublishError(
-                      Object.assign(new Error(`Publish error: reason code ${reasonCode}`), {
-                        code: reasonCode,
-                      }),
-                      endpoint,
-                      topic,
-                      options.quotaRetryAfterMs ?? 1000,
-                    ),
-                  );
-              });
-              write(bytes);
-            },
-            // A publish that timed out must not keep its id waiting for a PUBACK.
-            () => fastAcks.delete(messageId),
-          );
+          return new Promise<void>((resolve, reject) => {
+            const waiting = new AckWait(
+              topic,
+              performance.now() + publishTimeoutMs,
+              messageId,
+              resolve,
+              reject,
+            );
+            pending.add(waiting);
+            fastAcks.set(messageId, waiting);
+            write(bytes);
+          });
         }
       }
       return track<void>(topic, performance.now() + publishTimeoutMs, (settle) => {

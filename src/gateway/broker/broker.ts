@@ -658,25 +658,27 @@ export function createBroker(options: BrokerOptions): Broker {
       return undefined;
     }
     committing++;
-    pending
-      .then(
-        () => {
-          stats.messagesIn++;
-          // aedes writes the PUBACK inside this call (PUBREC after its own publish step).
+    // One reaction per message (no .finally: that is two more promises on the hot path).
+    pending.then(
+      () => {
+        stats.messagesIn++;
+        // aedes writes the PUBACK inside this call (PUBREC after its own publish step).
+        try {
           done(null);
-        },
-        (err: unknown) => {
-          logger.error({ err, clientId: session.identity.id, topic: packet.topic }, 'ingest_failed');
-          // The error closes the link. PUBACKs aedes wrote a moment ago for this device's
-          // earlier messages of the same batch sit corked until the next tick (mqtt-packet
-          // writeToStream); closing now would discard them, and the device would send those
-          // committed messages again.
-          setImmediate(() => done(asError(err)));
-        },
-      )
-      .finally(() => {
+        } finally {
+          if (--committing === 0) onCommitted?.();
+        }
+      },
+      (err: unknown) => {
         if (--committing === 0) onCommitted?.();
-      });
+        logger.error({ err, clientId: session.identity.id, topic: packet.topic }, 'ingest_failed');
+        // The error closes the link. PUBACKs aedes wrote a moment ago for this device's
+        // earlier messages of the same batch sit corked until the next tick (mqtt-packet
+        // writeToStream); closing now would discard them, and the device would send those
+        // committed messages again.
+        setImmediate(() => done(asError(err)));
+      },
+    );
     return pending;
   }
 

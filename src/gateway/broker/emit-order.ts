@@ -15,6 +15,8 @@ interface InFlight {
   emitted: boolean;
   /** Its publish ended (a refused or failed one without an emit). */
   finished: boolean;
+  /** The next publish not yet emitted under the same counter (a will from before a restart). */
+  same: InFlight | undefined;
 }
 
 /**
@@ -37,15 +39,33 @@ export function keepEmitOrder(aedes: Aedes): void {
   };
   const queue: InFlight[] = [];
   let head = 0;
-  /** Publishes not yet emitted, per counter (a will from before a restart may reuse one). */
-  const byCounter = new Map<number, InFlight[]>();
+  /**
+   * Publishes not yet emitted, per counter: the first, the others chained through `same` (a
+   * will from before a restart may reuse a counter; no array per publish on the hot path).
+   */
+  const byCounter = new Map<number, InFlight>();
 
   const forget = (entry: InFlight): void => {
-    const same = byCounter.get(entry.counter);
-    if (!same) return;
-    const i = same.indexOf(entry);
-    if (i >= 0) same.splice(i, 1);
-    if (same.length === 0) byCounter.delete(entry.counter);
+    const first = byCounter.get(entry.counter);
+    if (first === undefined) return;
+    if (first === entry) {
+      if (entry.same === undefined) byCounter.delete(entry.counter);
+      else byCounter.set(entry.counter, entry.same);
+      return;
+    }
+    for (let e = first; e.same !== undefined; e = e.same) {
+      if (e.same === entry) {
+        e.same = entry.same;
+        return;
+      }
+    }
+  };
+
+  const waitingEmit = (counter: number): InFlight | undefined => {
+    for (let e = byCounter.get(counter); e !== undefined; e = e.same) {
+      if (!e.emit && !e.emitted && !e.finished) return e;
+    }
+    return undefined;
   };
 
   // An emit can run a nested publish or its done (both drain): only the outer loop moves the head.
@@ -86,11 +106,14 @@ export function keepEmitOrder(aedes: Aedes): void {
     }
     // aedes numbers the packet synchronously at the start of publish (a stored will keeps its own).
     const counter = packet.brokerCounter || broker.counter + 1;
-    const entry: InFlight = { counter, emitted: false, finished: false };
+    const entry: InFlight = { counter, emit: undefined, emitted: false, finished: false, same: undefined };
     queue.push(entry);
-    const same = byCounter.get(counter);
-    if (same) same.push(entry);
-    else byCounter.set(counter, [entry]);
+    let last = byCounter.get(counter);
+    if (last === undefined) byCounter.set(counter, entry);
+    else {
+      while (last.same !== undefined) last = last.same;
+      last.same = entry;
+    }
     publish(packet, client, (err) => {
       entry.finished = true;
       drain();
@@ -102,7 +125,7 @@ export function keepEmitOrder(aedes: Aedes): void {
   broker.mq.emit = (packet, done) => {
     const entry =
       packet.brokerId === broker.id && typeof packet.brokerCounter === 'number'
-        ? byCounter.get(packet.brokerCounter)?.find((e) => !e.emit && !e.emitted && !e.finished)
+        ? waitingEmit(packet.brokerCounter)
         : undefined;
     if (!entry) {
       emit(packet, done);

@@ -36,11 +36,11 @@ const FAILURE_LOG_INTERVAL_MS = 1000;
 /** Topics whose matching routes are remembered; the memo starts over when it is full. */
 const ROUTE_MEMO_TOPICS = 10_000;
 
-/** A route table entry that matched a topic, with the highest QoS of its matching routes. */
-interface RouteHit {
-  entry: RouteTable;
-  routeQos: 0 | 1 | 2;
-}
+/**
+ * The queues a topic goes to: one target list per QoS a device may publish with (the row's QoS
+ * is the lower of the message's and the route's). Built once per topic; never changed after.
+ */
+type TopicTargets = readonly [readonly EnqueueTarget[], readonly EnqueueTarget[], readonly EnqueueTarget[]];
 
 /** Route matching and the commit-before-PUBACK path (SPEC §5). */
 export function createIngest(options: IngestOptions): Ingest {
@@ -48,22 +48,28 @@ export function createIngest(options: IngestOptions): Ingest {
   const now = options.now ?? Date.now;
   let table: readonly RouteTable[] = buildTable(options.integrations);
   // Devices publish to a few topics over and over: match each topic against the routes once.
-  let memo = new Map<string, readonly RouteHit[]>();
-  const routesFor = (topic: string): readonly RouteHit[] => {
-    let hits = memo.get(topic);
-    if (hits !== undefined) return hits;
-    const found: RouteHit[] = [];
+  let memo = new Map<string, TopicTargets | null>();
+  const targetsFor = (topic: string): TopicTargets | null => {
+    let targets = memo.get(topic);
+    if (targets !== undefined) return targets;
+    const hits: { entry: RouteTable; routeQos: number }[] = [];
     for (const entry of table) {
       let routeQos = -1;
       for (const route of entry.routes) {
         if (route.qos > routeQos && matchTopic(route.from, topic) !== null) routeQos = route.qos;
       }
-      if (routeQos >= 0) found.push({ entry, routeQos: routeQos as 0 | 1 | 2 });
+      if (routeQos >= 0) hits.push({ entry, routeQos });
     }
-    hits = found;
+    const forQos = (qos: number): EnqueueTarget[] =>
+      hits.map(({ entry, routeQos }) => ({
+        integrationId: entry.integrationId,
+        limits: entry.limits,
+        qos: Math.min(qos, routeQos) as 0 | 1 | 2,
+      }));
+    targets = hits.length === 0 ? null : [forQos(0), forQos(1), forQos(2)];
     if (memo.size >= ROUTE_MEMO_TOPICS) memo = new Map();
-    memo.set(topic, hits);
-    return hits;
+    memo.set(topic, targets);
+    return targets;
   };
   let qos0Failures = 0;
   // QoS 0 failures come in floods (disk full, queue full): one line per second with the count.
@@ -106,18 +112,9 @@ export function createIngest(options: IngestOptions): Ingest {
 
     accept(message) {
       if (options.reportedState && message.topic.endsWith('/state')) noteState(message);
-      const hits = routesFor(message.topic);
-      if (hits.length === 0) return null;
-      const targets: EnqueueTarget[] = new Array<EnqueueTarget>(hits.length);
-      for (let i = 0; i < hits.length; i++) {
-        const { entry, routeQos } = hits[i]!;
-        targets[i] = {
-          integrationId: entry.integrationId,
-          limits: entry.limits,
-          qos: Math.min(message.qos, routeQos) as 0 | 1 | 2,
-        };
-      }
-      const committed = outbox.enqueue(message, targets);
+      const targets = targetsFor(message.topic);
+      if (targets === null) return null;
+      const committed = outbox.enqueue(message, targets[message.qos]);
       if (message.qos === 0) {
         committed.catch((err: unknown) => noteQos0Failure(err, message));
         return null;

@@ -74,10 +74,12 @@ export function createMqttProvider(context: ProviderContext): Provider {
   let bridgeFlag =
     settings.protocolVersion === 4 &&
     (settings.bridgeMode === true || (settings.bridgeMode === 'auto' && bothWays));
-  let outboundMemo = new Map<string, OutboundMapping>();
+  // Per device, then per topic: no key string built per message.
+  let outboundMemo = new Map<string, Map<string, OutboundMapping>>();
+  let outboundMemoSize = 0;
   const mapOutbound = (message: OutboundMessage): OutboundMapping => {
-    const key = `${message.deviceId}\u0000${message.topic}`;
-    let mapped = outboundMemo.get(key);
+    let byTopic = outboundMemo.get(message.deviceId);
+    let mapped = byTopic?.get(message.topic);
     if (mapped !== undefined) return mapped;
     mapped = null;
     try {
@@ -98,8 +100,14 @@ export function createMqttProvider(context: ProviderContext): Provider {
     } catch (err) {
       mapped = { error: err };
     }
-    if (outboundMemo.size >= OUTBOUND_MEMO_TOPICS) outboundMemo = new Map();
-    outboundMemo.set(key, mapped);
+    if (outboundMemoSize >= OUTBOUND_MEMO_TOPICS) {
+      outboundMemo = new Map();
+      outboundMemoSize = 0;
+      byTopic = undefined;
+    }
+    if (byTopic === undefined) outboundMemo.set(message.deviceId, (byTopic = new Map()));
+    byTopic.set(message.topic, mapped);
+    outboundMemoSize++;
     return mapped;
   };
   const logger: Logger = context.logger.child({ component: 'mqtt' });
