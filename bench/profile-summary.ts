@@ -30,9 +30,11 @@ const AREAS: [string, (f: CallFrame) => boolean][] = [
   ['SQLite delete: outbox ack (+ COMMIT)', (f) => isOutbox(f) && f.functionName === 'ack'],
   ['outbox read (cache miss = SELECT)', (f) => isOutbox(f) && f.functionName === 'read'],
   [
-    'mqtt.js publish path (provider publish, mqtt.js, PUBACK handling)',
+    'upstream publish path (provider publish, mqtt-link and its wire code, mqtt.js, PUBACK handling)',
     (f) =>
       f.url.includes('/node_modules/mqtt/') ||
+      f.url.includes('/providers/mqtt-link.js') ||
+      f.url.includes('/providers/mqtt-wire.js') ||
       (f.url.includes('mqtt-provider') && f.functionName === 'publish'),
   ],
   ['forwarder', (f) => f.url.includes('/delivery/forwarder.js')],
