@@ -31,6 +31,12 @@ export interface BrokerPersistence {
   subscriptionsByClient(client: ClientRef): Promise<SubscriptionLike[]>;
   countOffline(): Promise<{ subsCount: number; clientsCount: number }>;
   subscriptionsByTopic(topic: string): Promise<OfflineSubscription[]>;
+  /**
+   * False only when no stored QoS > 0 subscription can match `topic`, so a QoS > 0 publish to it
+   * would be queued for nobody offline: answered at once, without a query (the key filter);
+   * true while a subscription change is queued.
+   */
+  mayHaveSubscribers(topic: string): boolean;
   cleanSubscriptions(client: ClientRef): Promise<void>;
   outgoingEnqueue(sub: { clientId: string }, packet: PacketLike): Promise<void>;
   outgoingEnqueueCombi(subs: { clientId: string }[], packet: PacketLike): Promise<void>;
@@ -143,6 +149,8 @@ export interface OfflineSubscription {
 const PAGE = 128;
 /** Sessions expired per housekeeping transaction. */
 const EXPIRE_CHUNK = 200;
+/** Topics whose mayHaveSubscribers answer is remembered; the memo starts over when full. */
+const SUBSCRIBER_MEMO_TOPICS = 1000;
 
 interface QueuedCall {
   run: () => unknown;
@@ -457,8 +465,11 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
   const keyFilter = createKeyFilter();
   let filterKeys = 0;
   let filterDeletes = 0;
+  /** mayHaveSubscribers' answers by topic, for the key filter as it is; cleared when it changes. */
+  const mayHaveMemo = new Map<string, boolean>();
   const rebuildKeyFilter = (): void => {
     keyFilter.clear();
+    mayHaveMemo.clear();
     filterKeys = 0;
     filterDeletes = 0;
     for (const key of st.subKeys.iterate() as IterableIterator<string>) {
@@ -474,8 +485,8 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
   // --- subscription cache -----------------------------------------------------------------------
   /** topic → offline subscribers; insertion order is recency (re-inserted on a hit). */
   const subscriptionCache = new Map<string, OfflineSubscription[]>();
-  const lookUpSubscribers = (topic: string): OfflineSubscription[] => {
-    const levels = topic.split('/');
+  /** The match keys of `topic`'s filters that the key filter may hold. */
+  const candidateKeys = (levels: readonly string[]): string[] => {
     const keys: string[] = [];
     let prefix = '';
     for (let n = 0; n <= levels.length; n++) {
@@ -483,6 +494,11 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
       const key = `${n}:${prefix}`;
       if (keyFilter.mayHave(key)) keys.push(key);
     }
+    return keys;
+  };
+  const lookUpSubscribers = (topic: string): OfflineSubscription[] => {
+    const levels = topic.split('/');
+    const keys = candidateKeys(levels);
     if (keys.length === 0) {
       stats.subscriptionFilterSkips++;
       return [];
@@ -697,6 +713,7 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
             // A QoS 0 one replacing a QoS > 0 one takes a key out: counted like a delete.
             if (sub.qos > 0) {
               keyFilter.add(matchKey(sub.topic));
+              mayHaveMemo.clear();
               filterKeys++;
             } else noteDeletes(1);
           }
@@ -756,6 +773,17 @@ export function createBrokerPersistence(options: BrokerPersistenceOptions): Brok
         remember(topic, subs);
         return copySubs(subs);
       });
+    },
+
+    mayHaveSubscribers(topic) {
+      if (pendingSubscriptionChanges > 0 || destroyed) return true;
+      let answer = mayHaveMemo.get(topic);
+      if (answer === undefined) {
+        answer = candidateKeys(topic.split('/')).length > 0;
+        if (mayHaveMemo.size >= SUBSCRIBER_MEMO_TOPICS) mayHaveMemo.clear();
+        mayHaveMemo.set(topic, answer);
+      }
+      return answer;
     },
 
     cleanSubscriptions(client) {

@@ -19,6 +19,7 @@ import {
   type EffectiveAcl,
 } from './acl.js';
 import { createConnectRateLimiter } from './admission.js';
+import { DeviceLane, type LaneHost, type LaneMessage } from './device-lane.js';
 import { keepEmitOrder } from './emit-order.js';
 import {
   createDeviceAuthenticator,
@@ -33,6 +34,7 @@ import {
   type ConnectionInfo,
   type ConnectionRejection,
 } from './listeners.js';
+import { routedConnection } from './packet-limit.js';
 import type { PasswordVerifier } from './password-hash.js';
 
 export interface BrokerOptions {
@@ -130,6 +132,9 @@ const LINK_ERRORS = new Set([
 /** How long a graceful stop waits for publishes being committed and their PUBACKs. */
 const DRAIN_COMMITS_MS = 5_000;
 
+/** Levels a topic may have (aedes' maxTopicLevels). */
+const MAX_TOPIC_LEVELS = 100;
+
 /** Topics per ACL whose publish permission is remembered; the memo starts over when full. */
 const PUBLISH_MEMO_TOPICS = 1000;
 
@@ -209,22 +214,26 @@ export function createBroker(options: BrokerOptions): Broker {
 
   /** The anonymous ACL of the current config (one object per config, so its memo below holds). */
   let anonymous: { config: typeof config; acl: EffectiveAcl } | undefined;
-  /** canPublish answers per ACL object and topic; a reload makes new ACL objects. */
-  const publishMemo = new WeakMap<EffectiveAcl, Map<string, boolean>>();
-  const mayPublish = (acl: EffectiveAcl, topic: string): boolean => {
+  /**
+   * Per ACL object and topic: 0 refused, 1 allowed, 2 allowed and a plain topic the device lane
+   * may take (see plainTopic). A reload makes new ACL objects.
+   */
+  const publishMemo = new WeakMap<EffectiveAcl, Map<string, 0 | 1 | 2>>();
+  const publishVerdict = (acl: EffectiveAcl, topic: string): 0 | 1 | 2 => {
     let memo = publishMemo.get(acl);
     if (memo === undefined) {
       memo = new Map();
       publishMemo.set(acl, memo);
     }
-    let allowed = memo.get(topic);
-    if (allowed === undefined) {
-      allowed = canPublish(acl, topic);
+    let verdict = memo.get(topic);
+    if (verdict === undefined) {
+      verdict = !canPublish(acl, topic) ? 0 : plainTopic(topic) ? 2 : 1;
       if (memo.size >= PUBLISH_MEMO_TOPICS) memo.clear();
-      memo.set(topic, allowed);
+      memo.set(topic, verdict);
     }
-    return allowed;
+    return verdict;
   };
+  const mayPublish = (acl: EffectiveAcl, topic: string): boolean => publishVerdict(acl, topic) > 0;
 
   const aclOf = (identity: Identity): EffectiveAcl => {
     if (identity.kind === 'anonymous') {
@@ -267,7 +276,7 @@ export function createBroker(options: BrokerOptions): Broker {
     // aedes would answer keepalive 0 and keepalives over its limit with CONNACK 6, which MQTT
     // 3.1.1 does not define; authenticate checks them against the live config instead.
     keepaliveLimit: 0,
-    maxTopicLevels: 100,
+    maxTopicLevels: MAX_TOPIC_LEVELS,
     drainTimeout: options.drainTimeoutMs ?? DRAIN_TIMEOUT_MS,
     concurrency: 1000,
     persistence: options.persistence,
@@ -356,6 +365,7 @@ export function createBroker(options: BrokerOptions): Broker {
       const done = (err: Error | null) => {
         if (called) return;
         called = true;
+        if (client !== null) lanes.get(client)?.answered();
         callback(err);
       };
       try {
@@ -462,6 +472,80 @@ export function createBroker(options: BrokerOptions): Broker {
 
   keepEmitOrder(aedes);
 
+  /** Whether a publish to `topic` may have a local receiver: an online subscriber, or (QoS > 0) a stored one. */
+  const mq = (aedes as unknown as { mq: LocalEmitter }).mq;
+  let onlineMemo = new Map<string, boolean>();
+  for (const method of ['on', 'removeListener', 'removeAllListeners'] as const) {
+    const original = mq[method].bind(mq) as (...args: unknown[]) => unknown;
+    (mq as unknown as Record<string, unknown>)[method] = (...args: unknown[]) => {
+      onlineMemo = new Map();
+      return original(...args);
+    };
+  }
+  const hasLocalSubscribers = (topic: string, qos: number): boolean => {
+    let online = onlineMemo.get(topic);
+    if (online === undefined) {
+      online = mq._matcher.match(topic).length > 0;
+      if (onlineMemo.size >= PUBLISH_MEMO_TOPICS) onlineMemo = new Map();
+      onlineMemo.set(topic, online);
+    }
+    if (online || qos === 0) return online;
+    // aedes' in-memory store has no cheap answer: its publish path asks it.
+    return options.persistence?.mayHaveSubscribers(topic) ?? true;
+  };
+
+  const lanes = new WeakMap<Client, DeviceLane<Session>>();
+  const laneHost: LaneHost<Session> = {
+    accepts: (session, topic) => publishVerdict(aclOf(session.identity), topic) === 2,
+    get draining() {
+      return draining;
+    },
+    ingest: (session, message) =>
+      options.ingest({
+        deviceId: session.identity.id,
+        topic: message.topic,
+        payload: message.payload,
+        qos: message.qos,
+        retain: message.retain,
+      }),
+    accepted() {
+      stats.messagesIn++;
+    },
+    commitStarted() {
+      committing++;
+    },
+    commitEnded() {
+      if (--committing === 0) onCommitted?.();
+    },
+    wantsLocal: (message) => message.retain || hasLocalSubscribers(message.topic, message.qos),
+    publishLocal(session, message: LaneMessage) {
+      const packet: PublishPacket = {
+        cmd: 'publish',
+        topic: message.topic,
+        payload: message.payload,
+        qos: message.qos,
+        retain: message.retain,
+        dup: false,
+      };
+      (aedes as unknown as { publish(p: PublishPacket, c: Client, done: (err?: Error) => void): void }).publish(
+        packet,
+        session.client,
+        (err) => {
+          if (err) logger.warn({ err, clientId: session.client.id, topic: message.topic }, 'local_publish_failed');
+        },
+      );
+    },
+    touched(session) {
+      const client = session.client as unknown as KeepaliveState;
+      if (client._keepaliveInterval > 0) client._keepaliveTimer?.refresh();
+    },
+    ingestFailed(session, topic, err) {
+      logger.error({ err, clientId: session.identity.id, topic }, 'ingest_failed');
+      // After this turn's PUBACKs of the commits before it have left (next tick).
+      setImmediate(() => session.client.close());
+    },
+  };
+
   const presence = (session: Session, online: boolean) => {
     try {
       options.onPresence?.(session.identity.id, online);
@@ -476,10 +560,12 @@ export function createBroker(options: BrokerOptions): Broker {
     if (!session) return;
     session.connectedAt = Date.now();
     connected.set(client.id, session);
+    lanes.get(client)?.open(session);
     logger.info({ clientId: client.id, remoteAddress: session.remoteAddress }, 'device_connected');
     presence(session, true);
   });
   aedes.on('clientDisconnect', (client) => {
+    lanes.get(client)?.close();
     options.persistence?.clientDisconnected(client.id);
     const current = connected.get(client.id);
     if (current?.client === client) {
@@ -538,7 +624,9 @@ export function createBroker(options: BrokerOptions): Broker {
     logger,
     onConnection(stream, info) {
       connections.set(stream, info);
-      aedes.handle(stream);
+      const client = aedes.handle(stream);
+      const conn = routedConnection(stream);
+      if (conn !== undefined) lanes.set(client, new DeviceLane(conn, laneHost));
     },
     onReject(rejection: ConnectionRejection) {
       const { reason, remoteAddress } = rejection;
@@ -797,6 +885,35 @@ export function createBroker(options: BrokerOptions): Broker {
       return closing;
     },
   };
+}
+
+/** The parts of aedes' mqemitter the local-subscriber check uses. */
+interface LocalEmitter {
+  _matcher: { match(topic: string): unknown[] };
+  on(...args: unknown[]): unknown;
+  removeListener(...args: unknown[]): unknown;
+  removeAllListeners(...args: unknown[]): unknown;
+}
+
+/** aedes' keepalive fields on a client (its handler refreshes the timer on every packet). */
+interface KeepaliveState {
+  _keepaliveInterval: number;
+  _keepaliveTimer: NodeJS.Timeout | null;
+}
+
+/**
+ * A topic the device lane may take: not a `$` topic (aedes' path acknowledges and discards
+ * those), no wildcard or NUL, and at most aedes' 100 levels (aedes refuses deeper ones).
+ */
+export function plainTopic(topic: string): boolean {
+  if (topic.length === 0 || topic.charCodeAt(0) === 0x24) return false;
+  let levels = 1;
+  for (let i = 0; i < topic.length; i++) {
+    const c = topic.charCodeAt(i);
+    if (c === 0x2b || c === 0x23 || c === 0) return false;
+    if (c === 0x2f && ++levels > MAX_TOPIC_LEVELS) return false;
+  }
+  return true;
 }
 
 interface ActivityThrottle {
