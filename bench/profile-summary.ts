@@ -24,6 +24,10 @@ interface CpuProfile {
 
 const AREAS: [string, (f: CallFrame) => boolean][] = [
   ['aedes (any frame)', (f) => f.url.includes('/node_modules/aedes/')],
+  [
+    'device lane (packet routing, parse, PUBACK writes)',
+    (f) => f.url.includes('/broker/device-lane.js') || f.url.includes('/broker/packet-limit.js'),
+  ],
   ['mqtt-packet parser (device and upstream packets)', (f) => f.url.includes('/mqtt-packet/parser.js')],
   ['authorizePublish (ACL, ingest, commit wait)', (f) => f.functionName === 'authorizePublish'],
   ['SQLite insert: outbox writeBatch (+ COMMIT)', (f) => isOutbox(f) && f.functionName === 'flushNow'],

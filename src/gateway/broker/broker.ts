@@ -527,13 +527,12 @@ export function createBroker(options: BrokerOptions): Broker {
         retain: message.retain,
         dup: false,
       };
-      (aedes as unknown as { publish(p: PublishPacket, c: Client, done: (err?: Error) => void): void }).publish(
-        packet,
-        session.client,
-        (err) => {
-          if (err) logger.warn({ err, clientId: session.client.id, topic: message.topic }, 'local_publish_failed');
-        },
-      );
+      (
+        aedes as unknown as { publish(p: PublishPacket, c: Client, done: (err?: Error) => void): void }
+      ).publish(packet, session.client, (err) => {
+        if (err)
+          logger.warn({ err, clientId: session.client.id, topic: message.topic }, 'local_publish_failed');
+      });
     },
     touched(session) {
       const client = session.client as unknown as KeepaliveState;

@@ -3,6 +3,7 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
+import { generate } from 'mqtt-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Config, ConfigInput } from '../../../src/config/schema.js';
 import { ErrorCodes, GatewayError } from '../../../src/errors.js';
@@ -187,6 +188,43 @@ describe('broker', () => {
     await expect(c.next('puback', 300)).rejects.toThrow(/no puback/);
     commit.resolve();
     expect(await c.next('puback')).toMatchObject({ messageId: 7 });
+  });
+
+  it('device lane: PUBACKs leave in publish order when commits settle in reverse, a $ publish among them', async () => {
+    const commits: ReturnType<typeof deferred<void>>[] = [];
+    const { port, ingested } = await startBroker({
+      ingest: () => {
+        const d = deferred();
+        commits.push(d);
+        return d.promise;
+      },
+    });
+    const c = await raw(port);
+    c.send(connectPacket('sensor-1', { username: 'sensor-1', password: Buffer.from(PASSWORDS['sensor-1']) }));
+    await c.next('connack');
+    const publish = (messageId: number, topic = 'devices/sensor-1/telemetry') =>
+      generate({
+        cmd: 'publish',
+        topic,
+        payload: Buffer.from(`m${messageId}`),
+        qos: 1,
+        messageId,
+        retain: false,
+        dup: false,
+      });
+    // One write: the lane takes 1-3 and stalls the $ publish (aedes' to answer) until their
+    // PUBACKs are out; aedes then has 4 and the ones after it (the outbox settles those in order).
+    c.write(
+      Buffer.concat([publish(1), publish(2), publish(3), publish(4, '$foo/bar'), publish(5), publish(6)]),
+    );
+    await waitUntil(() => ingested.length === 3);
+    for (const d of [...commits].reverse()) d.resolve(undefined);
+    await waitUntil(() => ingested.length === 5);
+    for (const d of commits.slice(3)) d.resolve(undefined);
+    const ids: number[] = [];
+    for (let i = 0; i < 6; i++) ids.push(((await c.next('puback')) as { messageId: number }).messageId);
+    expect(ids).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(ingested.map((m) => m.payload.toString())).toEqual(['m1', 'm2', 'm3', 'm5', 'm6']);
   });
 
   it('sends the QoS 2 PUBREC only after the ingest promise resolves', async () => {
