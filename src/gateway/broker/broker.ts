@@ -519,14 +519,7 @@ export function createBroker(options: BrokerOptions): Broker {
     },
     wantsLocal: (message) => message.retain || hasLocalSubscribers(message.topic, message.qos),
     publishLocal(session, message: LaneMessage) {
-      const packet: PublishPacket = {
-        cmd: 'publish',
-        topic: message.topic,
-        payload: message.payload,
-        qos: message.qos,
-        retain: message.retain,
-        dup: false,
-      };
+      const packet = publishPacket(message);
       (
         aedes as unknown as { publish(p: PublishPacket, c: Client, done: (err?: Error) => void): void }
       ).publish(packet, session.client, (err) => {
@@ -663,15 +656,7 @@ export function createBroker(options: BrokerOptions): Broker {
     retain: boolean;
   }): Promise<void> =>
     new Promise((resolve, reject) => {
-      const packet: PublishPacket = {
-        cmd: 'publish',
-        topic: message.topic,
-        payload: message.payload,
-        qos: message.qos,
-        retain: message.retain,
-        dup: false,
-      };
-      aedes.publish(packet, (err) =>
+      aedes.publish(publishPacket(message), (err) =>
         err
           ? reject(
               new GatewayError(
@@ -883,6 +868,23 @@ export function createBroker(options: BrokerOptions): Broker {
       })();
       return closing;
     },
+  };
+}
+
+/** A PUBLISH for aedes' own publish path (the broker's, or a device's after the lane took it). */
+function publishPacket(message: {
+  topic: string;
+  payload: Buffer;
+  qos: 0 | 1 | 2;
+  retain: boolean;
+}): PublishPacket {
+  return {
+    cmd: 'publish',
+    topic: message.topic,
+    payload: message.payload,
+    qos: message.qos,
+    retain: message.retain,
+    dup: false,
   };
 }
 

@@ -227,6 +227,23 @@ describe('broker', () => {
     expect(ingested.map((m) => m.payload.toString())).toEqual(['m1', 'm2', 'm3', 'm5', 'm6']);
   });
 
+  it('device lane: a device publish reaches local subscribers after its PUBACK, and none when nobody subscribed', async () => {
+    const { port, ingested } = await startBroker();
+    const url = `mqtt://127.0.0.1:${port}`;
+    const publisher = await device(url, 'sensor-1');
+    await publisher.publishAsync('devices/sensor-1/telemetry', 'before', { qos: 1 });
+    // It hears its own publishes (MQTT 3.1.1 has no no-local).
+    const listener = publisher;
+    const got: string[] = [];
+    listener.on('message', (topic, payload) => got.push(`${topic} ${payload.toString()}`));
+    await listener.subscribeAsync('devices/sensor-1/#', { qos: 1 });
+    await publisher.publishAsync('devices/sensor-1/telemetry', 'q1', { qos: 1 });
+    await publisher.publishAsync('devices/sensor-1/telemetry', 'q0', { qos: 0 });
+    await waitUntil(() => got.length === 2);
+    expect(got).toEqual(['devices/sensor-1/telemetry q1', 'devices/sensor-1/telemetry q0']);
+    expect(ingested.map((m) => m.payload.toString())).toEqual(['before', 'q1', 'q0']);
+  });
+
   it('sends the QoS 2 PUBREC only after the ingest promise resolves', async () => {
     const commit = deferred();
     const { port, ingested } = await startBroker({ ingest: () => commit.promise });
