@@ -132,10 +132,15 @@ export function createOutbox(options: OutboxOptions): Outbox {
   const deleteUpTo = db.prepare(
     'DELETE FROM queue_messages WHERE integration_id = ? AND id <= ? RETURNING length(payload) AS size',
   );
-  const selectRows = db.prepare(
-    `SELECT id, device_id, topic, payload, qos, retain, enqueued_at, attempts FROM queue_messages
+  const selectRows = db
+    .prepare(
+      `SELECT id, device_id, topic, payload, qos, retain, enqueued_at, attempts FROM queue_messages
       WHERE integration_id = ? AND id > ? AND (expires_at IS NULL OR expires_at > ?)
       ORDER BY id LIMIT ?`,
+    )
+    .raw(true);
+  const countRange = db.prepare(
+    'SELECT count(*) AS n FROM queue_messages WHERE integration_id = ? AND id > ? AND id <= ?',
   );
   const deleteOne = db.prepare(
     'DELETE FROM queue_messages WHERE id = ? AND integration_id = ? RETURNING length(payload) AS size',
@@ -586,26 +591,41 @@ export function createOutbox(options: OutboxOptions): Outbox {
     read(integrationId, afterId, limit) {
       const cached = recent.read(integrationId, afterId, limit, now());
       if (cached !== undefined) return cached;
-      const rows = selectRows.all(integrationId, afterId, now(), limit) as {
-        id: number;
-        device_id: string;
-        topic: string;
-        payload: Buffer;
-        qos: number;
-        retain: number;
-        enqueued_at: number;
-        attempts: number;
-      }[];
-      return rows.map((r): OutboundMessage => ({
-        id: r.id,
-        deviceId: r.device_id,
-        topic: r.topic,
-        payload: r.payload,
-        qos: r.qos as 0 | 1 | 2,
-        retain: r.retain !== 0,
-        enqueuedAt: r.enqueued_at,
-        attempts: r.attempts,
-      }));
+      // Arrays, not objects: one allocation less per row on the backlog's hot path.
+      const rows = selectRows.all(integrationId, afterId, now(), limit) as [
+        id: number,
+        deviceId: string,
+        topic: string,
+        payload: Buffer,
+        qos: number,
+        retain: number,
+        enqueuedAt: number,
+        attempts: number,
+      ][];
+      const messages = rows.map(
+        ([id, deviceId, topic, payload, qos, retain, enqueuedAt, attempts]): OutboundMessage => ({
+          id,
+          deviceId,
+          topic,
+          payload,
+          qos: qos as 0 | 1 | 2,
+          retain: retain !== 0,
+          enqueuedAt,
+          attempts,
+        }),
+      );
+      // When the query skipped no row of the range (no expired row in it), the cache learns the
+      // range's ids: acks of these rows can then delete them as one range (see ack).
+      if (messages.length > 0) {
+        const last = messages[messages.length - 1]!.id;
+        if ((countRange.get(integrationId, afterId, last) as { n: number }).n === messages.length)
+          recent.noteRead(
+            integrationId,
+            afterId,
+            messages.map((m) => ({ id: m.id, size: m.payload.length })),
+          );
+      }
+      return messages;
     },
 
     ack(integrationId, ids) {

@@ -27,6 +27,12 @@ export interface RecentRows {
     integrationId: string,
     ids: readonly number[],
   ): { lo: number; hi: number; rows: number; bytes: number } | undefined;
+  /**
+   * A read of SQLite found exactly these rows of the queue with afterId < id <= the last of them
+   * (ids ascending, no row of that range left out). Their ids and sizes are kept, without
+   * payloads, so that acks of rows read below the floor can still be deleted as one range.
+   */
+  noteRead(integrationId: string, afterId: number, rows: readonly { id: number; size: number }[]): void;
   /** After COMMIT: rows deleted (acked, dead-lettered). */
   remove(integrationId: string, ids: readonly number[]): void;
   /** After COMMIT: every row up to this id was deleted (drop-oldest). */
@@ -41,20 +47,33 @@ interface QueueCache {
   floor: number;
   rows: CachedRow[];
   bytes: number;
+  /** Every row of the queue with known.lo < id <= known.hi has its id in known.ids. */
+  known: KnownWindow | undefined;
+}
+
+/** Ids and sizes of a stretch of a queue read from SQLite (see noteRead). */
+interface KnownWindow {
+  lo: number;
+  hi: number;
+  ids: number[];
+  sizes: number[];
 }
 
 export function createRecentRows(options: {
   floor: number;
   maxRows?: number;
   maxBytes?: number;
+  /** Ids a queue's known window holds at most (16 bytes each). */
+  maxKnown?: number;
 }): RecentRows {
   const maxRows = options.maxRows ?? 10_000;
   const maxBytes = options.maxBytes ?? 16 * 1024 * 1024;
+  const maxKnown = options.maxKnown ?? 20_000;
   const queues = new Map<string, QueueCache>();
   const queueOf = (integrationId: string): QueueCache => {
     let q = queues.get(integrationId);
     if (q === undefined) {
-      q = { floor: options.floor, rows: [], bytes: 0 };
+      q = { floor: options.floor, rows: [], bytes: 0, known: undefined };
       queues.set(integrationId, q);
     }
     return q;
@@ -65,11 +84,18 @@ export function createRecentRows(options: {
       const q = queueOf(integrationId);
       q.rows.push(row);
       q.bytes += row.message.payload.length;
-      while (q.rows.length > maxRows || q.bytes > maxBytes) {
-        const evicted = q.rows.shift()!;
-        q.bytes -= evicted.message.payload.length;
-        q.floor = evicted.message.id;
-      }
+      if (q.rows.length <= maxRows && q.bytes <= maxBytes) return;
+      // Over a bound: evict the oldest tenth at once, so that a backlog growing past the bound
+      // costs one splice per thousand rows, not a shift of the whole array per row.
+      const rowsGoal = maxRows - Math.ceil(maxRows / 10);
+      const bytesGoal = maxBytes - Math.ceil(maxBytes / 10);
+      let n = 0;
+      let bytes = q.bytes;
+      while (n < q.rows.length && (q.rows.length - n > rowsGoal || bytes > bytesGoal))
+        bytes -= q.rows[n++]!.message.payload.length;
+      q.floor = q.rows[n - 1]!.message.id;
+      q.bytes = bytes;
+      q.rows.splice(0, n);
     },
     read(integrationId, afterId, limit, now) {
       const q = queueOf(integrationId);
@@ -85,29 +111,62 @@ export function createRecentRows(options: {
     span(integrationId, ids) {
       const q = queues.get(integrationId);
       if (q === undefined || ids.length === 0) return undefined;
-      const sorted = [...ids].sort((a, b) => a - b);
+      const sorted = [...new Set(ids)].sort((a, b) => a - b);
       const lo = sorted[0]!;
-      // Rows at or below the floor may exist in SQLite only.
-      if (lo <= q.floor) return undefined;
-      let i = indexOf(q.rows, lo);
-      if (i < 0) return undefined;
-      let previous = Number.NaN;
+      const hi = sorted[sorted.length - 1]!;
+      // Rows at or below the floor may exist in SQLite only, unless a read found them all. The
+      // known window covers (known.lo, known.hi], the cache (floor, ∞): their union must hold the
+      // range without a gap.
+      const known = q.known !== undefined && lo > q.known.lo ? q.known : undefined;
+      if (lo <= q.floor && (known === undefined || (hi > known.hi && known.hi < q.floor))) return undefined;
+      // Below `split` the known window answers, above it the cache.
+      const split = known === undefined ? q.floor : Math.max(known.hi, q.floor);
       let rows = 0;
       let bytes = 0;
+      let k = known === undefined ? 0 : lowerBound(known.ids, lo);
+      let c = upperBound(q.rows, Math.max(lo - 1, split));
       for (const id of sorted) {
-        if (id === previous) continue; // an id acked twice
-        const row = q.rows[i];
-        if (row?.message.id !== id) return undefined;
-        previous = id;
+        if (id <= split && known !== undefined) {
+          if (known.ids[k] !== id) return undefined; // not a row, or a row in between is not acked
+          bytes += known.sizes[k++]!;
+        } else {
+          if (q.rows[c]?.message.id !== id) return undefined;
+          bytes += q.rows[c++]!.message.payload.length;
+        }
         rows++;
-        bytes += row.message.payload.length;
-        i++;
       }
-      return { lo, hi: previous, rows, bytes };
+      // A row of the range below `split` after the last acked id would be one left out.
+      if (known !== undefined && hi > split && k < known.ids.length && known.ids[k]! <= split)
+        return undefined;
+      return { lo, hi, rows, bytes };
+    },
+    noteRead(integrationId, afterId, read) {
+      const q = queueOf(integrationId);
+      if (read.length === 0) return;
+      const last = read[read.length - 1]!.id;
+      let known = q.known;
+      // A read that goes on from where the window ends extends it; any other replaces it.
+      if (known === undefined || afterId !== known.hi) {
+        known = { lo: afterId, hi: afterId, ids: [], sizes: [] };
+        q.known = known;
+      }
+      for (const row of read) {
+        known.ids.push(row.id);
+        known.sizes.push(row.size);
+      }
+      known.hi = last;
+      if (known.ids.length > maxKnown) {
+        const cut = known.ids.length - maxKnown;
+        known.lo = known.ids[cut - 1]!;
+        known.ids.splice(0, cut);
+        known.sizes.splice(0, cut);
+      }
     },
     remove(integrationId, ids) {
       const q = queues.get(integrationId);
-      if (q === undefined || q.rows.length === 0) return;
+      if (q === undefined) return;
+      if (q.known !== undefined) removeKnown(q.known, ids);
+      if (q.rows.length === 0) return;
       // Acks come in batches of mostly the oldest rows: find each by binary search and compact
       // once from the first hit, instead of filtering the whole queue per call.
       const hits: number[] = [];
@@ -136,7 +195,13 @@ export function createRecentRows(options: {
     },
     removeUpTo(integrationId, id) {
       const q = queues.get(integrationId);
-      if (q === undefined || q.rows.length === 0) return;
+      if (q === undefined) return;
+      if (q.known !== undefined) {
+        const end = lowerBound(q.known.ids, id + 1);
+        q.known.ids.splice(0, end);
+        q.known.sizes.splice(0, end);
+      }
+      if (q.rows.length === 0) return;
       const end = upperBound(q.rows, id);
       if (end === 0) return;
       for (let i = 0; i < end; i++) q.bytes -= q.rows[i]!.message.payload.length;
@@ -166,6 +231,47 @@ function upperBound(rows: readonly CachedRow[], id: number): number {
     else hi = mid;
   }
   return lo;
+}
+
+/** Index of the first id >= `id` in ascending ids. */
+function lowerBound(ids: readonly number[], id: number): number {
+  let lo = 0;
+  let hi = ids.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (ids[mid]! < id) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Drops these ids from a known window (they are no rows any more); the window stays exact. */
+function removeKnown(known: KnownWindow, ids: readonly number[]): void {
+  const hits: number[] = [];
+  for (const id of ids) {
+    const i = lowerBound(known.ids, id);
+    if (known.ids[i] === id) hits.push(i);
+  }
+  if (hits.length === 0) return;
+  hits.sort((a, b) => a - b);
+  const unique = hits.filter((v, i) => i === 0 || v !== hits[i - 1]);
+  if (unique[unique.length - 1] === unique.length - 1) {
+    known.ids.splice(0, unique.length); // the oldest ids: the usual case
+    known.sizes.splice(0, unique.length);
+    return;
+  }
+  let w = hits[0]!;
+  let h = 0;
+  for (let r = hits[0]!; r < known.ids.length; r++) {
+    if (h < hits.length && hits[h] === r) {
+      while (h < hits.length && hits[h] === r) h++; // an id named twice
+      continue;
+    }
+    known.ids[w] = known.ids[r]!;
+    known.sizes[w++] = known.sizes[r]!;
+  }
+  known.ids.length = w;
+  known.sizes.length = w;
 }
 
 /** Index of the row with this id, or -1. */
