@@ -52,7 +52,8 @@ export interface FakeCloud {
   setAckDelay(ms: number): void;
   /** Keep every acknowledgement until `releaseAcks`. */
   holdAcks(): void;
-  releaseAcks(): void;
+  /** Sends the held acknowledgements and stops holding; with `count`, only the oldest `count`, and holds on. */
+  releaseAcks(count?: number): void;
   /** Refuse the next `n` publishes as throttled (link-wide, or for `deviceId` only). */
   throttleNext(n: number, retryAfterMs: number, deviceId?: string): void;
   /** Refuse this device's publishes as device-unavailable until `restoreDevice`. */
@@ -327,9 +328,12 @@ export function createFakeCloud(options: FakeCloudOptions = {}): FakeCloud {
     holdAcks() {
       holding = true;
     },
-    releaseAcks() {
+    releaseAcks(count = Infinity) {
+      const held = [...pending].filter((p) => p.timer === undefined).slice(0, count);
+      const was = holding;
       holding = false;
-      for (const p of pending) if (p.timer === undefined) scheduleAck(p);
+      for (const p of held) scheduleAck(p);
+      holding = was && count !== Infinity;
     },
     throttleNext(n, retryAfterMs, deviceId) {
       throttle = { left: n, retryAfterMs, deviceId };

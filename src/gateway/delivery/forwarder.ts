@@ -45,6 +45,8 @@ export interface ForwarderOptions {
   now?: () => number;
   /** Bound on waiting for in-flight publishes at stop (ms). */
   stopTimeoutMs?: number;
+  /** How often the queue is looked at while connected, whatever wakes it (ms; POLL_MS). */
+  pollMs?: number;
   /** Pause before resending after a publish timeout on a live link. */
   retryBackoff?: Backoff;
 }
@@ -369,7 +371,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       cautious = true;
       return;
     }
-    const window = probeTo > 0 || cautious ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
+    const window = windowSize();
     const budget = { rows: SCAN_BUDGET };
     while (active && inflight.size < window) {
       const wait = Math.max(limiter.peek(), quota.peek());
@@ -413,6 +415,11 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       if (deviceRate > 0) deviceQuota(row.deviceId).take();
       send(row);
     }
+  }
+
+  /** Publishes in flight at most: one while probing after a loss, else the integration's window. */
+  function windowSize(): number {
+    return probeTo > 0 || cautious ? 1 : Math.max(1, Math.min(limits.inflight, provider.maxInflight));
   }
 
   function pumpLater(ms: number): void {
@@ -481,7 +488,11 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
     if (pendingAcks.length >= ACK_BATCH_ROWS) flushAcks();
     else ackTimer ??= setTimeout(flushAcks, ACK_BATCH_MS);
     if (inflight.size === 0) drainWaiter?.();
-    pump();
+    // A saturated window refills a quarter at a time: the PUBACKs of one read of the link free
+    // a slot or two, and refilling those at once costs a write (and the cloud a read) for every
+    // publish or two. Below three quarters in flight there is no one waiting to batch for.
+    const window = windowSize();
+    if (inflight.size <= window - Math.max(1, Math.floor(window / 4))) pump();
   }
 
   function onFailed(row: OutboundMessage, err: GatewayError, sentIn: number): void {
@@ -702,7 +713,7 @@ export function createForwarder(options: ForwarderOptions): Forwarder {
       running = true;
       stopping = false;
       unsubscribe = supervisor.onStateChange(onState);
-      pollTimer = setInterval(() => pump(), POLL_MS);
+      pollTimer = setInterval(() => pump(), options.pollMs ?? POLL_MS);
       pollTimer.unref();
       reportTimer = setInterval(flushReport, DELIVER_REPORT_MS);
       reportTimer.unref();

@@ -443,6 +443,31 @@ describe('forwarder (fake cloud)', () => {
     expect(got.indexOf('quiet:9')).toBeLessThan(got.indexOf('busy:44'));
   });
 
+  it('refills a full window a quarter at a time, so the publishes freed by one read leave in one write', async () => {
+    h = setUp();
+    // No poll: only acknowledgements and enqueues wake the forwarder here.
+    const cloud = createFakeCloud();
+    const { supervisor, forwarder } = pipelineOn(cloud, { inflight: 8 }, undefined, 3_600_000);
+    await until(() => supervisor.state === 'connected');
+    cloud.holdAcks();
+    for (let i = 0; i < 40; i++) void enqueue('w', i);
+    await h.outbox.flush();
+    await until(() => forwarder.inflight === 8);
+    const turns = () => new Promise<void>((r) => setTimeout(r, 20));
+    for (let k = 1; k <= 8; k++) {
+      cloud.releaseAcks(1);
+      await until(() => forwarder.delivered === k);
+      await turns();
+      // One free slot waits for a second; two (a quarter of 8) are filled together.
+      expect(forwarder.inflight).toBe(k % 2 === 1 ? 7 : 8);
+      expect(cloud.received.length).toBe(8 + 2 * Math.floor(k / 2));
+    }
+    cloud.releaseAcks();
+    await until(() => depth() === 0);
+    expect(distinct(cloud)).toBe(40);
+    assertPerDeviceOrder(texts(cloud));
+  });
+
   it("sends a command response at once, not behind its device's telemetry backlog", async () => {
     h = setUp();
     for (let i = 0; i < 400; i++) void enqueue('x', i);
@@ -490,6 +515,7 @@ function pipelineOn(
   cloud: FakeCloud,
   queue: { rate?: number; inflight?: number; maxAttempts?: number },
   stopTimeoutMs?: number,
+  pollMs?: number,
 ): Pipeline {
   const logger = h.logger.child({ integrationId: h.integrationId });
   const provider = cloud.factory(undefined as never);
@@ -509,6 +535,7 @@ function pipelineOn(
     activity: h.activity,
     queue: { rate: 0, inflight: 100, maxAttempts: 10, ...queue },
     ...(stopTimeoutMs === undefined ? {} : { stopTimeoutMs }),
+    ...(pollMs === undefined ? {} : { pollMs }),
   });
   const unsubscribe = h.outbox.onEnqueue((ids) => {
     if (ids.has(h.integrationId)) forwarder.wake();
