@@ -619,11 +619,7 @@ export function createOutbox(options: OutboxOptions): Outbox {
       if (messages.length > 0) {
         const last = messages[messages.length - 1]!.id;
         if ((countRange.get(integrationId, afterId, last) as { n: number }).n === messages.length)
-          recent.noteRead(
-            integrationId,
-            afterId,
-            messages.map((m) => ({ id: m.id, size: m.payload.length })),
-          );
+          recent.noteRead(integrationId, afterId, messages);
       }
       return messages;
     },

@@ -10,7 +10,9 @@ export interface CachedRow {
  * The newest committed rows of each queue, kept in memory so that a forwarder keeping up with
  * live traffic reads them without a query. It answers a read only when it holds every row of
  * that queue after the requested id (everything above its floor); otherwise the caller reads
- * SQLite, which stays the source of truth. Bounded in rows and bytes per queue.
+ * SQLite, which stays the source of truth. Bounded in rows and bytes per queue. Below its floor
+ * it keeps, per queue, the ids and sizes of the rows the last reads of SQLite found (a known
+ * window, bounded in ids), so that acks of a backlog older than the cache are ranges too.
  */
 export interface RecentRows {
   /** After COMMIT: a row just inserted (ids grow per queue). */
@@ -32,7 +34,7 @@ export interface RecentRows {
    * (ids ascending, no row of that range left out). Their ids and sizes are kept, without
    * payloads, so that acks of rows read below the floor can still be deleted as one range.
    */
-  noteRead(integrationId: string, afterId: number, rows: readonly { id: number; size: number }[]): void;
+  noteRead(integrationId: string, afterId: number, rows: readonly OutboundMessage[]): void;
   /** After COMMIT: rows deleted (acked, dead-lettered). */
   remove(integrationId: string, ids: readonly number[]): void;
   /** After COMMIT: every row up to this id was deleted (drop-oldest). */
@@ -152,7 +154,7 @@ export function createRecentRows(options: {
       }
       for (const row of read) {
         known.ids.push(row.id);
-        known.sizes.push(row.size);
+        known.sizes.push(row.payload.length);
       }
       known.hi = last;
       if (known.ids.length > maxKnown) {

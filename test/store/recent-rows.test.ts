@@ -87,7 +87,7 @@ describe('recent rows', () => {
 
   it('learns the rows a read of SQLite found below the floor, and names ranges of them', () => {
     const cache = createRecentRows({ floor: 0, maxRows: 3, maxBytes: 1e12, maxKnown: 5 });
-    const read = (...ids: number[]) => ids.map((id) => ({ id, size: id })); // payloads of `id` bytes
+    const read = (...ids: number[]) => ids.map((id) => row(id, id).message); // payloads of `id` bytes
     for (const id of [1, 2, 3, 5, 6, 7, 8]) cache.add(Q, row(id, id)); // holds 6, 7, 8: floor 5
     expect(cache.span(Q, [1, 2])).toBeUndefined(); // below the floor, never read
     cache.noteRead(Q, 0, read(1, 2, 3));
@@ -137,7 +137,7 @@ describe('recent rows', () => {
           cache.noteRead(
             Q,
             cursor,
-            read.map((id) => ({ id, size: size(id) })),
+            read.map((id) => row(id, size(id)).message),
           );
           cursor = read[read.length - 1]!;
         }
