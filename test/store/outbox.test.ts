@@ -464,6 +464,37 @@ describe('outbox: ttl', () => {
       reason: 'ttl',
     });
   });
+
+  it('acks of a backlog older than the cache delete exactly the acked rows, not an expired row a read skipped', async () => {
+    // 12,000 rows in each of two queues whose ids interleave; ten of A's, below the cache's
+    // floor (it holds the newest 10,000), expire, so the reads of SQLite skip them.
+    const put = (n: number, ttlMs: number) =>
+      Promise.all(
+        Array.from({ length: n }, (_, k) =>
+          h.outbox.enqueue(msg(`m${k}`), [target(A, { ttlMs }), target(B)]),
+        ),
+      );
+    await put(500, 0);
+    await put(10, 1_000);
+    await put(11_490, 0);
+    h.clock.t += 1_000;
+    let after = 0;
+    for (let i = 0; i < 100; i++) {
+      const rows = h.outbox.read(A, after, 1_000);
+      if (rows.length === 0) break;
+      after = rows[rows.length - 1]!.id;
+      h.outbox.ack(
+        A,
+        rows.map((r) => r.id),
+      );
+    }
+    expect(tableState(h.store.file, A)).toEqual({ depth: 10, bytes: 20 });
+    expect(h.outbox.stats(A)).toMatchObject({ depth: 10, bytes: 20 });
+    expect(h.outbox.stats(B)).toMatchObject({ depth: 12_000 });
+    expect(h.logs.filter((l) => l.msg === 'queue_counter_drift')).toEqual([]);
+    expect(h.outbox.expire()).toBe(10);
+    expect(h.outbox.stats(A)).toMatchObject({ depth: 0, bytes: 0, expired: 10 });
+  });
 });
 
 describe('outbox: wall-clock jumps (R17)', () => {
