@@ -60,11 +60,18 @@ export function createIntegrationRuntime(options: IntegrationRuntimeOptions): In
     }),
     options.providers,
   );
+  /** Cloud → device publishes handed to the local broker and not yet done there. */
+  const publishing = new Set<Promise<void>>();
   provider.onCommand((message) => {
-    options
+    const done = options
       .publishLocal(message)
-      .catch((err: unknown) => log.error({ err, topic: message.topic }, 'inbound_publish_failed'));
+      .catch((err: unknown) => log.error({ err, topic: message.topic }, 'inbound_publish_failed'))
+      .finally(() => publishing.delete(done));
+    publishing.add(done);
   });
+  const localPublished = async (): Promise<void> => {
+    await Promise.all(publishing);
+  };
   const supervisor = createConnectionSupervisor({
     provider,
     logger: log,
@@ -87,7 +94,14 @@ export function createIntegrationRuntime(options: IntegrationRuntimeOptions): In
   const abort = new AbortController();
   let syncJob: ScheduledJob | undefined;
 
-  const operation = () => ({ provider, integration: config, activity, logger: log, signal: abort.signal });
+  const operation = () => ({
+    provider,
+    integration: config,
+    activity,
+    logger: log,
+    signal: abort.signal,
+    localPublished,
+  });
 
   /** (Re)creates the sync schedule from the current config. */
   function scheduleSync(): void {

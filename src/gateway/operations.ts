@@ -14,6 +14,12 @@ export interface OperationContext {
   logger: Logger;
   signal: AbortSignal;
   now?: () => number;
+  /**
+   * Resolves once what the provider handed to the local broker so far is published there (a
+   * retained desired state stored): a sync reports done only after that, so a device that
+   * subscribes when it ends gets the state as a retained message. Never rejects.
+   */
+  localPublished?: () => Promise<void>;
 }
 
 export interface SyncOutcome extends SyncResult {
@@ -86,6 +92,7 @@ export async function runSync(ctx: OperationContext, direction: SyncDirection): 
         : direction === 'export'
           ? await ctx.provider.export(ctx.signal)
           : await ctx.provider.bidirectionalSync(ctx.signal);
+    await ctx.localPublished?.();
   } catch (err) {
     error = {
       code: isGatewayError(err) ? err.code : ErrorCodes.PROVIDER_CONNECT,
