@@ -14,6 +14,7 @@ import type {
 } from '../../src/providers/provider.js';
 import { openStore } from '../../src/store/database.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+import { FAKE_INTEGRATION_YAML } from '../helpers/fake-integration.js';
 import { freePort } from '../helpers/ports.js';
 
 const NOTHING_SYNCED = { recordsProcessed: 0, recordsSucceeded: 0, recordsFailed: 0 };
@@ -68,13 +69,7 @@ describe('createGateway with injected providers and store', () => {
         'broker:',
         `  listeners: [{ type: tcp, host: 127.0.0.1, port: ${port} }]`,
         `  devices: [{ id: d1, passwordHash: "${await hashPassword('pw')}" }]`,
-        'integrations:',
-        '  - name: up',
-        '    id: 3f1c1f0e-7d8e-4f5a-9a51-0c2b6f1d2e3a',
-        '    type: mqtt',
-        // The URL is never dialled: the injected factory replaces the MQTT provider.
-        '    settings: { url: "mqtt://127.0.0.1:1", outbound: [{ local: "#", remote: "{topic}" }] }',
-        '    routes: [{ from: "devices/+/telemetry" }]',
+        ...FAKE_INTEGRATION_YAML,
         'http: { enabled: false }',
       ].join('\n'),
     );

@@ -9,6 +9,7 @@ import { createActivityLog } from '../../src/store/activity-log.js';
 import { openStore, type Store } from '../../src/store/database.js';
 import { createOutbox } from '../../src/store/outbox.js';
 import { createCaptureLogger, type LogRecord } from '../helpers/capture-logger.js';
+import { FAKE_INTEGRATION_YAML } from '../helpers/fake-integration.js';
 
 const DESIRED: InboundMessage = {
   topic: 'devices/d1/desired',
@@ -30,7 +31,7 @@ function importingProvider(): Provider {
     onDisconnect: () => {},
     maxInflight: 10,
     maxPayloadBytes: 1024,
-    testConnection: async () => ({ ok: true, latencyMs: 0 }),
+    testConnection: async () => ({ ok: true, latencyMs: 0, details: {} }),
     import: async () => {
       command?.(DESIRED);
       return { recordsProcessed: 1, recordsSucceeded: 1, recordsFailed: 0 };
@@ -60,13 +61,7 @@ describe('integration runtime: sync and the local broker', () => {
       file,
       [
         `gateway: { id: runtime-gw, dataDir: ${JSON.stringify(join(dir, 'data'))} }`,
-        'integrations:',
-        '  - name: up',
-        '    id: 3f1c1f0e-7d8e-4f5a-9a51-0c2b6f1d2e3a',
-        '    type: mqtt',
-        // Never dialled: the injected factory replaces the MQTT provider.
-        '    settings: { url: "mqtt://127.0.0.1:1", outbound: [{ local: "#", remote: "{topic}" }] }',
-        '    routes: [{ from: "devices/+/telemetry" }]',
+        ...FAKE_INTEGRATION_YAML,
         'http: { enabled: false }',
       ].join('\n'),
     );
