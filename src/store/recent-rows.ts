@@ -169,31 +169,9 @@ export function createRecentRows(options: {
       if (q === undefined) return;
       if (q.known !== undefined) removeKnown(q.known, ids);
       if (q.rows.length === 0) return;
-      // Acks come in batches of mostly the oldest rows: find each by binary search and compact
-      // once from the first hit, instead of filtering the whole queue per call.
-      const hits: number[] = [];
-      for (const id of ids) {
-        const i = indexOf(q.rows, id);
-        if (i >= 0) hits.push(i);
-      }
-      if (hits.length === 0) return;
-      hits.sort((a, b) => a - b);
-      const gone = hits.filter((v, i) => i === 0 || v !== hits[i - 1]);
+      const gone = sortedHits(ids, (id) => indexOf(q.rows, id));
       for (const i of gone) q.bytes -= q.rows[i]!.message.payload.length;
-      if (gone[gone.length - 1] === gone.length - 1) {
-        q.rows.splice(0, gone.length); // the oldest rows: the usual case
-        return;
-      }
-      let w = gone[0]!;
-      let k = 0;
-      for (let r = gone[0]!; r < q.rows.length; r++) {
-        if (k < gone.length && gone[k] === r) {
-          k++;
-          continue;
-        }
-        q.rows[w++] = q.rows[r]!;
-      }
-      q.rows.length = w;
+      removeAt(q.rows, gone);
     },
     removeUpTo(integrationId, id) {
       const q = queues.get(integrationId);
@@ -249,31 +227,46 @@ function lowerBound(ids: readonly number[], id: number): number {
 
 /** Drops these ids from a known window (they are no rows any more); the window stays exact. */
 function removeKnown(known: KnownWindow, ids: readonly number[]): void {
+  const gone = sortedHits(ids, (id) => {
+    const i = lowerBound(known.ids, id);
+    return known.ids[i] === id ? i : -1;
+  });
+  removeAt(known.ids, gone);
+  removeAt(known.sizes, gone);
+}
+
+/** The distinct indexes `find` gives for these ids (-1: not held), ascending. */
+function sortedHits(ids: readonly number[], find: (id: number) => number): number[] {
   const hits: number[] = [];
   for (const id of ids) {
-    const i = lowerBound(known.ids, id);
-    if (known.ids[i] === id) hits.push(i);
+    const i = find(id);
+    if (i >= 0) hits.push(i);
   }
-  if (hits.length === 0) return;
-  hits.sort((a, b) => a - b);
-  const unique = hits.filter((v, i) => i === 0 || v !== hits[i - 1]);
-  if (unique[unique.length - 1] === unique.length - 1) {
-    known.ids.splice(0, unique.length); // the oldest ids: the usual case
-    known.sizes.splice(0, unique.length);
+  hits.sort((x, y) => x - y);
+  return hits.filter((v, i) => i === 0 || v !== hits[i - 1]);
+}
+
+/**
+ * Removes the entries at these ascending, distinct indexes. Acks come in batches of mostly the
+ * oldest entries: one splice then, else one compaction from the first index (never a filter of
+ * the whole list per call).
+ */
+function removeAt<T>(list: T[], gone: readonly number[]): void {
+  if (gone.length === 0) return;
+  if (gone[gone.length - 1] === gone.length - 1) {
+    list.splice(0, gone.length);
     return;
   }
-  let w = hits[0]!;
-  let h = 0;
-  for (let r = hits[0]!; r < known.ids.length; r++) {
-    if (h < hits.length && hits[h] === r) {
-      while (h < hits.length && hits[h] === r) h++; // an id named twice
+  let w = gone[0]!;
+  let k = 0;
+  for (let r = gone[0]!; r < list.length; r++) {
+    if (k < gone.length && gone[k] === r) {
+      k++;
       continue;
     }
-    known.ids[w] = known.ids[r]!;
-    known.sizes[w++] = known.sizes[r]!;
+    list[w++] = list[r]!;
   }
-  known.ids.length = w;
-  known.sizes.length = w;
+  list.length = w;
 }
 
 /** Index of the row with this id, or -1. */
